@@ -1,0 +1,104 @@
+"""Fixtures that start the real parts the tests need, and clean them up.
+
+Tests always exercise this checkout: its ``dom0`` and ``backupvm`` folders
+come first on the import path (also for the subprocesses they start), and
+``file:`` archives run this checkout's ``qubes-rpc/wyng.Agent``.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "dom0"), str(REPO / "backupvm"), str(REPO / "tests")]
+AGENT = REPO / "qubes-rpc" / "wyng.Agent"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO / "dom0"), str(REPO / "backupvm")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+# the agent's "#!/usr/bin/env python3" must find this interpreter's packages
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+os.environ["QVM_WYNG_AGENT"] = str(AGENT)
+IN_CI = os.environ.get("CI") == "true"
+
+PASS = "correct horse battery staple"
+
+
+def need(condition, why):
+    """Skip on a developer machine that lacks a part; in CI every part is
+    installed, so a missing one is a failure, never a silent skip."""
+    if not condition:
+        if IN_CI:
+            pytest.fail("CI must provide: " + why)
+        pytest.skip(why)
+
+
+def need_root():
+    need(os.geteuid() == 0, "root (loop devices, mounts)")
+
+
+class Wyng:
+    """Runs the real qvm-wyng, with one archive and metadata folder per test."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.archive = tmp_path / "archive"
+        self.meta = tmp_path / "meta"
+        self.dest = "file:%s" % self.archive
+        self.passphrase = PASS
+
+    def args(self, args, dest=True):
+        base = ["--meta-dir=%s" % self.meta, "--passcmd=echo '%s'" % self.passphrase, "--authmin=0"]
+        if dest and not any(a.startswith("--dest") for a in args):
+            base.append("--dest=%s" % self.dest)
+        return base + list(args)
+
+    def run(self, *args, expect=0, input=None, env=None):
+        cmd = [sys.executable, "-m", "qubeswyng.cli"] + self.args(args)
+        done = subprocess.run(cmd, capture_output=True, text=True, input=input,
+                              env=dict(os.environ, **(env or {})))
+        if expect is not None:
+            assert done.returncode == expect, "exit %d\nstdout: %s\nstderr: %s" % (
+                done.returncode, done.stdout, done.stderr)
+        return done
+
+    def init(self, *args):
+        return self.run("arch-init", *args)
+
+    def send(self, name, path, *args):
+        return self.run("send", "--import-other-from=%s:|:%s" % (name, path), *args)
+
+    def receive(self, name, path, *args, expect=0):
+        return self.run("receive", name, "--save-to=%s" % path, *args, expect=expect)
+
+    def sessions(self, name):
+        import json
+        out = self.run("list", name, "--json").stdout
+        return [s["session"] for s in json.loads(out)["volumes"][0]["sessions"]]
+
+
+@pytest.fixture
+def wyng(tmp_path):
+    return Wyng(tmp_path)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs, for a destination that fills up."""
+    need_root()
+    mounts = []
+
+    def make(size):
+        path = tmp_path / ("tmpfs%d" % len(mounts))
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)])
+
+
+def which(tool):
+    return shutil.which(tool) is not None
