@@ -49,7 +49,7 @@ class Wyng:
         self.passphrase = PASS
 
     def args(self, args, dest=True):
-        base = ["--meta-dir=%s" % self.meta, "--passcmd=echo '%s'" % self.passphrase, "--authmin=0"]
+        base = ["--meta-dir=%s" % self.meta, "--passcmd=echo '%s'" % self.passphrase, "--authmin=1"]
         if dest and not any(a.startswith("--dest") for a in args):
             base.append("--dest=%s" % self.dest)
         return base + list(args)

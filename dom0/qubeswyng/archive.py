@@ -48,7 +48,7 @@ class Archive:
         master = K.cached_master(opts.auth_dir, header.archive_id, opts.authmin)
         if master is None:
             master = header.unlock(K.read_passphrase(opts))
-        self._start(header, master)
+        self._start(header, master, check=True)
         if write:
             self.lock()
         self._load_root()
@@ -62,8 +62,12 @@ class Archive:
         self.link.send(wire.GET_HEADER)
         return self.link.frame((wire.DATA,), 4096)[1]
 
-    def _start(self, header, master):
+    def _start(self, header, master, check=False):
+        """Derive the keys and hand the agent its storage key (only after
+        the header's settings proved authentic)."""
         self.header, self.keys = header, K.Keys(master, header.archive_id)
+        if check:
+            header.check(self.keys)
         self.chunk_size = header.chunk_size
         self.meta = Meta(self.opts.meta_dir, header.archive_id)
         self.link.send(wire.OPEN, struct.pack(">BBbI", header.cipher, header.compression,
@@ -115,17 +119,20 @@ class Archive:
         self.root["volumes"].sort(key=lambda v: v["name"])
         return vol
 
-    def chunk_map(self, vol, upto=None):
+    def chunk_map(self, vol, upto=None, cached=False):
         """The verified map of ``vol`` at session index ``upto`` (newest if
-        None), merged from its manifest chain or taken from dom0's cache."""
+        None), merged from its manifest chain.  With ``cached`` (send) dom0's
+        copy of the newest map is used when it matches the root; receive and
+        verify always read the chain, so they also prove the archive holds it."""
         sessions = vol["sessions"]
         upto = len(sessions) - 1 if upto is None else upto
         if upto < 0:
             return ChunkMap()
         head_mac = bytes.fromhex(sessions[upto]["mac"])
-        cached = self.meta.load_map(vol["id"], head_mac)
-        if cached is not None:
-            return cached
+        if cached:
+            found = self.meta.load_map(vol["id"], head_mac)
+            if found is not None:
+                return found
         chunk_map, parent = ChunkMap(), ZERO
         for ses in sessions[:upto + 1]:
             chunk_map.resize(manifest.chunk_count(ses["size"], self.chunk_size))

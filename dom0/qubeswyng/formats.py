@@ -16,7 +16,8 @@ from .errors import Fail
 FORMAT_VERSION = 1
 HEADER_MAGIC = b"QWYNGHDR"
 HEADER_FIELDS = struct.Struct(">8sHBBBBBBbB16s32s")
-HEADER_SIZE = HEADER_FIELDS.size + K.WRAPPED_SIZE
+HEADER_SIZE = HEADER_FIELDS.size + K.WRAPPED_SIZE + 32
+HEADER_LABEL = b"qubes-wyng header\0"
 CIPHERS = {"off": 0, "xchacha20-poly1305": 1}
 COMPRESSIONS = {"off": 0, "zstd": 1, "zlib": 2, "bz2": 3}
 LEVELS = {"off": (0, 0, 0), "zstd": (1, 22, 3), "zlib": (0, 9, 6), "bz2": (1, 9, 9)}
@@ -45,8 +46,12 @@ class Header:
                                   self.archive_id, self.salt)
 
     def seal(self, passphrase, master):
+        """The header bytes: settings, the wrapped master key, and a MAC
+        under K_mac, so that settings are authenticated even when the
+        master key comes from the auth cache instead of the passphrase."""
         fields = self.fields()
-        return fields + K.wrap(K.derive_kek(passphrase, self.salt, *self.kdf), master, fields)
+        body = fields + K.wrap(K.derive_kek(passphrase, self.salt, *self.kdf), master, fields)
+        return body + K.Keys(master, self.archive_id).sign(HEADER_LABEL, body)
 
     @classmethod
     def parse(cls, blob):
@@ -60,13 +65,18 @@ class Header:
                 or not 1 <= factor <= 6 or not -7 <= level <= 22:
             raise Fail("the archive header holds unknown settings")
         header = cls(archive_id, cipher, comp, level, factor, (log_n, r, p), salt)
-        header.wrapped = blob[HEADER_FIELDS.size:]
+        header.wrapped = blob[HEADER_FIELDS.size:-32]
+        header.body, header.mac = blob[:-32], blob[-32:]
         return header
 
     def unlock(self, passphrase):
         """The master key, or Fail for a wrong passphrase."""
         kek = K.derive_kek(passphrase, self.salt, *self.kdf)
         return K.unwrap(kek, self.wrapped, self.fields())
+
+    def check(self, keys):
+        if not keys.check(HEADER_LABEL, self.body, self.mac):
+            raise Fail("the archive header was altered (or the cached key is not this archive's)")
 
 
 def parse_compression(spec):

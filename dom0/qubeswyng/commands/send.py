@@ -71,7 +71,7 @@ def parse_tags(specs):
 def send_volume(archive, name, source, session, tags, opts):
     vol = archive.volume(name) or archive.add_volume(name)
     cs, keys = archive.chunk_size, archive.keys
-    chunk_map = archive.chunk_map(vol)
+    chunk_map = archive.chunk_map(vol, cached=True)
     old_count, old_size = len(chunk_map), (vol["sessions"][-1]["size"] if vol["sessions"] else None)
     count = chunk_count(source.size, cs)
     chunk_map.resize(count)
