@@ -4,6 +4,7 @@ Tests always exercise this checkout: its ``dom0`` and ``backupvm`` folders
 come first on the import path (also for the subprocesses they start), and
 ``file:`` archives run this checkout's ``qubes-rpc/wyng.Agent``.
 """
+import contextlib
 import os
 import shutil
 import subprocess
@@ -102,3 +103,61 @@ def tmpfs(tmp_path):
 
 def which(tool):
     return shutil.which(tool) is not None
+
+
+LOOP_SIZE = 1 << 30  # sparse: costs only what the test writes
+
+
+def _run(argv):
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError("%s: exit %d: %s" % (" ".join(argv), done.returncode, done.stderr.strip()))
+    return done.stdout
+
+
+@contextlib.contextmanager
+def loop_mount(tmp_path, name, mkfs):
+    """A fresh filesystem made by ``mkfs`` (a command line, without the
+    device) on a sparse loop file, mounted at ``tmp_path/name``.  The mount
+    and the loop device are always removed, also when the test fails."""
+    need_root()
+    need(which(mkfs[0]), mkfs[0])
+    need(which("losetup"), "losetup (util-linux)")
+    image = tmp_path / (name + ".img")
+    with open(image, "wb") as f:
+        f.truncate(LOOP_SIZE)
+    device = _run(["losetup", "--find", "--show", str(image)]).strip()
+    mnt = tmp_path / name
+    mounted = False
+    try:
+        _run(mkfs + [device])
+        mnt.mkdir()
+        _run(["mount", device, str(mnt)])
+        mounted = True
+        yield mnt
+    finally:
+        if mounted and subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])
+        subprocess.run(["losetup", "-d", device])
+        image.unlink()
+
+
+@pytest.fixture
+def btrfs_mount(tmp_path):
+    """A mounted, empty Btrfs."""
+    with loop_mount(tmp_path, "btrfs", ["mkfs.btrfs", "-q", "-f"]) as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def xfs_mount(tmp_path):
+    """A mounted, empty XFS with reflinks."""
+    with loop_mount(tmp_path, "xfs", ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]) as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def ext4_mount(tmp_path):
+    """A mounted, empty ext4: a filesystem without reflinks."""
+    with loop_mount(tmp_path, "ext4", ["mkfs.ext4", "-q", "-F"]) as mnt:
+        yield mnt
