@@ -1,7 +1,9 @@
 """qvm-wyng: the command line.
 
 ``qvm-wyng [OPTIONS] COMMAND [VOLUME ...] [OPTIONS]``: one option set for
-every command, options before or after the command, as in Wyng.
+every command, options before or after the command, as in Wyng.  The two
+tables below are the single source of ``--help``, ``COMMAND --help`` and
+the man page (doc/qvm-wyng.1 is generated from them).
 """
 import argparse
 import sys
@@ -20,14 +22,54 @@ def version(_opts, _app):
     return 0
 
 
+# name: (function, arguments, summary, options it uses)
 COMMANDS = {
-    "arch-init": arch_init.run,
-    "send": send.run,
-    "receive": receive.run,
-    "verify": receive.run_verify,
-    "list": list_cmd.run,
-    "version": version,
+    "arch-init": (arch_init.run, "", "create a new archive at --dest",
+                  ["dest", "encrypt", "compression", "hashtype", "chunk-factor", "passcmd"]),
+    "send": (send.run, "[VOLUME ...]", "back up volumes as a new session (incremental when possible)",
+             ["dest", "import-other-from", "tag", "send-unchanged", "json", "passcmd", "authmin"]),
+    "receive": (receive.run, "VOLUME", "restore a volume's session",
+                ["dest", "save-to", "session", "session-strict", "passcmd", "authmin"]),
+    "verify": (receive.run_verify, "VOLUME", "check that a volume's session restores intact",
+               ["dest", "session", "session-strict", "passcmd", "authmin"]),
+    "list": (list_cmd.run, "[VOLUME ...]", "list the volumes, or the sessions of volumes",
+             ["dest", "json", "passcmd", "authmin"]),
+    "version": (version, "", "print the version", []),
 }
+
+# option: (short form or None, argparse keywords)
+OPTIONS = {
+    "dest": (None, dict(metavar="URL", help="archive location: file:/path or qubes://VM/path")),
+    "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG", help="the session to use (newest if not given)")),
+    "session-strict": (None, dict(choices=("on", "off"), default="on",
+                                  help="off: take the next older session when --session does not match")),
+    "save-to": (None, dict(metavar="PATH", help="receive into this file or block device")),
+    "import-other-from": (None, dict(action="append", default=[], metavar="VOLUME:|:PATH",
+                                     help="send the file or block device PATH as VOLUME (read in full)")),
+    "tag": (None, dict(action="append", default=[], metavar="TAG[,DESCRIPTION]",
+                       help="tag the new session; repeat for more tags")),
+    "send-unchanged": (None, dict(action="store_true", help="record a session for unchanged volumes too")),
+    "encrypt": (None, dict(default="xchacha20-poly1305", metavar="CIPHER",
+                           help="xchacha20-poly1305 (default) or off (MACs stay on)")),
+    "compression": (None, dict(default="zstd:3", metavar="TYPE[:LEVEL]",
+                               help="zstd[:1-22] (default zstd:3), zlib[:0-9], bz2[:1-9] or off")),
+    "hashtype": (None, dict(default="hmac-sha256", metavar="HASH", help="chunk id hash: hmac-sha256")),
+    "chunk-factor": (None, dict(type=int, default=3, metavar="N",
+                                help="chunk size 64 KiB * 2^(N-1), N = 1..6 (default 3: 256 KiB)")),
+    "passcmd": (None, dict(metavar="COMMAND", help="shell command that prints the passphrase")),
+    "authmin": (None, dict(type=int, default=2, metavar="MINUTES",
+                           help="remember the passphrase this long (default 2; 0 off; -1 forgets)")),
+    "unattended": ("-u", dict(action="store_true", help="never prompt")),
+    "meta-dir": (None, dict(default=META_DIR, metavar="PATH", help="dom0 metadata folder (%s)" % META_DIR)),
+    "json": (None, dict(action="store_true", help="machine-readable output")),
+    "force": (None, dict(action="store_true", help="take over an archive lock held by another writer")),
+    "force-allow-rollback": (None, dict(action="store_true",
+                                        help="accept an archive older than the one seen last")),
+    "verbose": ("-v", dict(action="count", default=0, help="more detail")),
+    "quiet": ("-q", dict(action="store_true", help="only errors")),
+    "debug": (None, dict(action="store_true", help="show a traceback on errors")),
+}
+COMMON = ["unattended", "meta-dir", "force", "force-allow-rollback", "verbose", "quiet", "debug"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,39 +77,31 @@ class Parser(argparse.ArgumentParser):
         raise Fail(message)
 
 
-def parser():
-    p = Parser(prog="qvm-wyng", description="Fast incremental, encrypted backups of Qubes and Linux volumes.")
-    p.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
-                   help="one of: " + ", ".join(sorted(COMMANDS)))
-    p.add_argument("volumes", nargs="*", metavar="VOLUME")
-    a = p.add_argument
-    a("--dest", help="archive location: file:/path or qubes://VM/path")
-    a("--session", help="session YYYYMMDD-HHMMSS or ^TAG (receive, verify)")
-    a("--session-strict", choices=("on", "off"), default="on",
-      help="off: take the next older session when --session does not match exactly")
-    a("--save-to", metavar="PATH", help="receive into this file or block device")
-    a("--import-other-from", action="append", default=[], metavar="VOLUME:|:PATH",
-      help="send the file or block device PATH as VOLUME (reads it in full)")
-    a("--tag", action="append", default=[], metavar="TAG[,DESCRIPTION]", help="tag the new session (send)")
-    a("--send-unchanged", action="store_true", help="record a session for unchanged volumes too")
-    a("--encrypt", default="xchacha20-poly1305", help="arch-init: xchacha20-poly1305 or off")
-    a("--compression", default="zstd:3", help="arch-init: zstd[:1-22], zlib[:0-9], bz2[:1-9] or off")
-    a("--hashtype", default="hmac-sha256", help="arch-init: chunk id hash (hmac-sha256)")
-    a("--chunk-factor", type=int, default=3, help="arch-init: chunk size 64 KiB * 2^(N-1), N=1..6")
-    a("--passcmd", help="shell command that prints the passphrase")
-    a("--authmin", type=int, default=2, help="minutes to remember the passphrase (-1 forgets, 0 off)")
-    a("-u", "--unattended", action="store_true", help="never prompt")
-    a("--meta-dir", default=META_DIR, help="dom0 metadata folder (default %s)" % META_DIR)
-    a("--json", action="store_true", help="machine-readable output (list, send)")
-    a("--force", action="store_true", help="take over a stale archive lock")
-    a("--force-allow-rollback", action="store_true", help="accept an archive older than the one seen last")
-    a("-v", "--verbose", action="count", default=0)
-    a("-q", "--quiet", action="store_true")
-    a("--debug", action="store_true", help="show a traceback on errors")
+def parser(command=None):
+    """The whole parser, or (for ``COMMAND --help``) one showing only the
+    options that command uses."""
+    if command:
+        func, args, summary, names = COMMANDS[command]
+        p = Parser(prog="qvm-wyng %s" % command, usage="qvm-wyng [OPTIONS] %s %s" % (command, args),
+                   description=summary)
+    else:
+        names = list(OPTIONS)
+        p = Parser(prog="qvm-wyng", usage="qvm-wyng [OPTIONS] COMMAND [VOLUME ...] [OPTIONS]",
+                   description="Fast incremental, encrypted backups of Qubes and Linux volumes.",
+                   epilog="commands:\n" + "\n".join("  %-18s %s" % (n, c[2]) for n, c in COMMANDS.items()),
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+        p.add_argument("volumes", nargs="*", metavar="VOLUME")
+    for name in names + [n for n in COMMON if n not in names]:
+        short, kwargs = OPTIONS[name]
+        p.add_argument(*([short] if short else []), "--" + name, **kwargs)
     return p
 
 
 def parse(args):
+    for i, arg in enumerate(args):
+        if arg in COMMANDS and ("-h" in args[i:] or "--help" in args[i:]):
+            parser(arg).parse_args(["--help"])
     opts = parser().parse_intermixed_args(args)
     if not -1 <= opts.authmin <= 60:
         raise Fail("--authmin must be -1 to 60")
@@ -79,7 +113,7 @@ def main(args=None, app=None):
     opts = None
     try:
         opts = parse(sys.argv[1:] if args is None else args)
-        return COMMANDS[opts.command](opts, app)
+        return COMMANDS[opts.command][0](opts, app)
     except Fail as e:
         _debug(opts)
         print("qvm-wyng: error: %s" % e, file=sys.stderr)
