@@ -64,11 +64,11 @@ class Wyng:
                 done.returncode, done.stdout, done.stderr)
         return done
 
-    def init(self, *args):
-        return self.run("arch-init", *args)
+    def init(self, *args, expect=0):
+        return self.run("arch-init", *args, expect=expect)
 
-    def send(self, name, path, *args):
-        return self.run("send", "--import-other-from=%s:|:%s" % (name, path), *args)
+    def send(self, name, path, *args, expect=0):
+        return self.run("send", "--import-other-from=%s:|:%s" % (name, path), *args, expect=expect)
 
     def receive(self, name, path, *args, expect=0):
         return self.run("receive", name, "--save-to=%s" % path, *args, expect=expect)

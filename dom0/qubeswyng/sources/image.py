@@ -15,7 +15,8 @@ class ImageSource:
     def __init__(self, path):
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             raise Fail("%s: %s" % (path, e.strerror)) from None
         mode = os.fstat(self.fd).st_mode
