@@ -156,8 +156,9 @@ def run_thin_delta(tmeta_path, old_id, new_id, chunk_size, volume_size=None, met
                 raise
         if proc.returncode:
             err.seek(0)
-            lines = [l.strip() for l in err.read(4096).decode("utf-8", "replace").splitlines() if l.strip()]
-            raise Fail("%s failed (exit %d): %s" % (what, proc.returncode, lines[0] if lines else "no message"))
+            text = err.read(4096).decode("utf-8", "replace")
+            reason = next((line.strip() for line in text.splitlines() if line.strip()), "no message")
+            raise Fail("%s failed (exit %d): %s" % (what, proc.returncode, reason))
         if problem:
             raise Fail("%s: %s" % (what, problem)) from None
     return runs
