@@ -154,3 +154,18 @@ def _mapping_runs(mapping):
         run = [origin, data, 1]
     if run:
         yield tuple(run)
+
+
+@pytest.fixture
+def lvm_guest(tmp_path):
+    """A qemu guest with real lvm2 and dm-thin (see tests/lvm_guest.py):
+    ``lvm_guest.run(script, disks=[(name, size)], timeout=...)`` boots it
+    once and returns the script's exit status and output. Disk images live
+    until the test ends; no qemu outlives a run."""
+    import lvm_guest as harness
+    need_root()
+    lack = harness.missing()
+    need(not lack, "for the LVM guest: " + ", ".join(lack))
+    guest = harness.Guest(tmp_path / "guest")
+    yield guest
+    guest.close()
