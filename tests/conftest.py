@@ -5,6 +5,7 @@ come first on the import path (also for the subprocesses they start), and
 ``file:`` archives run this checkout's ``qubes-rpc/wyng.Agent``.
 """
 import contextlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -161,3 +162,69 @@ def ext4_mount(tmp_path):
     """A mounted, empty ext4: a filesystem without reflinks."""
     with loop_mount(tmp_path, "ext4", ["mkfs.ext4", "-q", "-F"]) as mnt:
         yield mnt
+
+
+@pytest.fixture
+def thin_pool_metadata(tmp_path):
+    """Real thin-pool metadata, written by ``thin_restore`` from XML.
+
+    ``make({dev_id: {origin_block: data_block}}, block_sectors=128)`` returns
+    the path of a metadata file that ``thin_delta --snap1 A --snap2 B PATH``
+    reads; devices may share data blocks, as snapshots do."""
+    need(which("thin_restore") and which("thin_delta"), "thin-provisioning-tools (thin_restore, thin_delta)")
+    serial = itertools.count()
+
+    def make(devices, block_sectors=128):
+        used = [d for mapping in devices.values() for d in mapping.values()]
+        lines = ['<superblock uuid="" time="1" transaction="1" data_block_size="%d" nr_data_blocks="%d">'
+                 % (block_sectors, max(used, default=0) + 1)]
+        for dev_id, mapping in sorted(devices.items()):
+            lines.append('  <device dev_id="%d" mapped_blocks="%d" transaction="0" creation_time="0" snap_time="0">'
+                         % (dev_id, len(mapping)))
+            for origin, data, length in _mapping_runs(mapping):
+                if length == 1:
+                    lines.append('    <single_mapping origin_block="%d" data_block="%d" time="0"/>' % (origin, data))
+                else:
+                    lines.append('    <range_mapping origin_begin="%d" data_begin="%d" length="%d" time="0"/>'
+                                 % (origin, data, length))
+            lines.append("  </device>")
+        lines.append("</superblock>\n")
+        n = next(serial)
+        xml, meta = tmp_path / ("pool%d.xml" % n), tmp_path / ("pool%d.meta" % n)
+        xml.write_text("\n".join(lines))
+        with open(meta, "wb") as f:
+            f.truncate(8 << 20)
+        done = subprocess.run(["thin_restore", "-i", str(xml), "-o", str(meta)], capture_output=True, text=True)
+        assert done.returncode == 0, "thin_restore: %s%s" % (done.stdout, done.stderr)
+        return meta
+    return make
+
+
+def _mapping_runs(mapping):
+    """(origin, data, length) runs where both block numbers go up by one."""
+    run = None
+    for origin in sorted(mapping):
+        data = mapping[origin]
+        if run and origin == run[0] + run[2] and data == run[1] + run[2]:
+            run[2] += 1
+            continue
+        if run:
+            yield tuple(run)
+        run = [origin, data, 1]
+    if run:
+        yield tuple(run)
+
+
+@pytest.fixture
+def lvm_guest(tmp_path):
+    """A qemu guest with real lvm2 and dm-thin (see tests/lvm_guest.py):
+    ``lvm_guest.run(script, disks=[(name, size)], timeout=...)`` boots it
+    once and returns the script's exit status and output. Disk images live
+    until the test ends; no qemu outlives a run."""
+    import lvm_guest as harness
+    need_root()
+    lack = harness.missing()
+    need(not lack, "for the LVM guest: " + ", ".join(lack))
+    guest = harness.Guest(tmp_path / "guest")
+    yield guest
+    guest.close()
