@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from urllib.parse import urlsplit
 
 from .errors import Fail
@@ -57,7 +58,9 @@ def local_agent_command():
     for path in AGENT_PATHS:
         if os.access(path, os.X_OK):
             return [path]
-    found = shutil.which("wyng-agent")
+    # an agent installed beside this interpreter (a venv), then on PATH
+    beside = os.path.join(os.path.dirname(sys.executable), "wyng-agent")
+    found = beside if os.access(beside, os.X_OK) else shutil.which("wyng-agent")
     if not found:
         raise Fail("no local agent: install the qubes-wyng agent (wyng-agent) to use file: destinations")
     return [found]

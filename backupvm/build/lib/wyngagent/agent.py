@@ -1,0 +1,195 @@
+"""The wyng.Agent service: requests from dom0 on stdin, replies on stdout.
+
+The request/reply table is doc/PROTOCOL.md.  The agent holds no secret but
+the storage key dom0 hands it in OPEN; it never decides what a backup
+contains, it only stores, finds and returns objects.
+"""
+import os
+import struct
+import sys
+
+from . import __version__, wire
+from .archive import Archive, ArchiveError, PART
+from .objects import Codec, ObjectError
+from .storage import open_store
+
+OPEN = struct.Struct(">BBbI")  # cipher, compression, level, chunk size
+CHUNK_ID = 32
+MANIFEST_ID = 16
+MAX_CHUNK = 2 << 20
+FATAL = (ArchiveError, ObjectError, OSError, wire.ProtocolError)
+
+
+class Session:
+    def __init__(self, reader, writer):
+        self.reader, self.out = reader, writer
+        self.archive = None
+
+    def run(self):
+        while True:
+            frame = self.reader.frame()
+            if frame is None:
+                return 0
+            op, payload = frame
+            handler = HANDLERS.get(op)
+            if handler is None:
+                raise wire.ProtocolError("unknown request %d" % op)
+            if op != wire.HELLO and self.archive is None:
+                raise wire.ProtocolError("HELLO must come first")
+            if handler(self, payload) is False:
+                return 0
+            if self.archive:
+                self.archive.renew_lock()
+
+    def stream(self, op, first):
+        """Parts of a multi-frame upload: ``last:u8 | bytes`` frames of one op."""
+        payload = first
+        while True:
+            if not payload:
+                raise wire.ProtocolError("empty part")
+            if len(payload) - 1 > PART:
+                raise wire.ProtocolError("part too large")
+            yield payload[1:]
+            if payload[0]:
+                return
+            frame = self.reader.frame()
+            if frame is None or frame[0] != op:
+                raise wire.ProtocolError("upload interrupted")
+            payload = frame[1]
+
+    def send_parts(self, parts):
+        for part in parts:
+            self.out.send(wire.DATA, part)
+        self.out.send(wire.END)
+
+    def ok_stats(self):
+        self.out.send(wire.OK, wire.STATS.pack(*self.archive.stats))
+
+    # -- handlers ---------------------------------------------------------
+    def hello(self, payload):
+        if len(payload) < 2:
+            raise wire.ProtocolError("short HELLO")
+        (version,) = struct.unpack(">H", payload[:2])
+        if version != wire.PROTOCOL_VERSION:
+            raise wire.ProtocolError("protocol version %d is not %d" % (version, wire.PROTOCOL_VERSION))
+        location = payload[2:].decode()
+        if not location.startswith("/"):
+            raise wire.ProtocolError("archive location must be an absolute path")
+        self.archive = Archive(open_store(location))
+        self.out.send(wire.OK, struct.pack(">H", wire.PROTOCOL_VERSION), __version__.encode())
+
+    def get_header(self, _payload):
+        self.out.send(wire.DATA, self.archive.header())
+
+    def init(self, payload):
+        self.archive.init(payload)
+        self.out.send(wire.OK)
+
+    def open(self, payload):
+        if len(payload) != OPEN.size + 32:
+            raise wire.ProtocolError("bad OPEN")
+        cipher, compression, level, chunk_size = OPEN.unpack(payload[:OPEN.size])
+        if not 0 < chunk_size <= MAX_CHUNK:
+            raise wire.ProtocolError("bad chunk size")
+        self.archive.open(Codec(cipher, compression, level, payload[OPEN.size:]), chunk_size)
+        self.out.send(wire.OK)
+
+    def lock(self, payload):
+        ttl, force = struct.unpack(">IB", payload[:5])
+        self.archive.lock(payload[5:].decode(errors="replace"), ttl, force)
+        self.out.send(wire.OK)
+
+    def unlock(self, _payload):
+        self.archive.unlock()
+        self.out.send(wire.OK)
+
+    def get_root(self, _payload):
+        parts = self.archive.root()
+        if parts is None:
+            self.out.send(wire.NONE)
+        else:
+            self.send_parts(parts)
+
+    def put_chunk(self, payload):
+        if not CHUNK_ID < len(payload) <= CHUNK_ID + self.archive.chunk_size:
+            raise wire.ProtocolError("bad chunk length")
+        self.archive.put_chunk(payload[:CHUNK_ID], memoryview(payload)[CHUNK_ID:])
+
+    def put_manifest(self, payload):
+        mid = payload[:MANIFEST_ID]
+        if len(mid) != MANIFEST_ID:
+            raise wire.ProtocolError("bad manifest id")
+        self.archive.put_manifest(mid, self.stream(wire.PUT_MANIFEST, payload[MANIFEST_ID:]))
+
+    def put_root(self, payload):
+        self.archive.put_root(self.stream(wire.PUT_ROOT, payload))
+        self.ok_stats()
+
+    def get_manifest(self, payload):
+        if len(payload) != MANIFEST_ID:
+            raise wire.ProtocolError("bad manifest id")
+        # a manifest that is missing or fails to open mid-way ends in ERR
+        try:
+            self.send_parts(self.archive.get_manifest(payload))
+        except (ArchiveError, ObjectError) as e:
+            self.out.error(str(e))
+
+    def get_chunks(self, payload):
+        if len(payload) % CHUNK_ID:
+            raise wire.ProtocolError("bad chunk list")
+        for i in range(0, len(payload), CHUNK_ID):
+            try:
+                data = self.archive.get_chunk(payload[i:i + CHUNK_ID])
+            except (ArchiveError, ObjectError) as e:
+                self.out.error(str(e))
+            else:
+                self.out.send(wire.DATA, data)
+
+    def get_stats(self, _payload):
+        self.archive.drain()
+        self.ok_stats()
+
+    def bye(self, _payload):
+        self.archive.drain()
+        self.archive.unlock()
+        self.out.send(wire.OK)
+        return False
+
+
+HANDLERS = {
+    wire.HELLO: Session.hello, wire.GET_HEADER: Session.get_header, wire.INIT: Session.init,
+    wire.OPEN: Session.open, wire.LOCK: Session.lock, wire.UNLOCK: Session.unlock,
+    wire.GET_ROOT: Session.get_root, wire.PUT_CHUNK: Session.put_chunk,
+    wire.PUT_MANIFEST: Session.put_manifest, wire.PUT_ROOT: Session.put_root,
+    wire.GET_MANIFEST: Session.get_manifest, wire.GET_CHUNKS: Session.get_chunks,
+    wire.BYE: Session.bye, wire.GET_STATS: Session.get_stats,
+}
+
+
+def main():
+    session = Session(wire.Reader(0), wire.Writer(1))
+    try:
+        return session.run()
+    except FATAL as e:
+        # a failed request ends the connection: dom0 reads this line, the
+        # archive keeps its last committed root
+        try:
+            session.out.error(str(e) if not isinstance(e, OSError) else _oserror(e))
+        except OSError:
+            pass
+        return 1
+    finally:
+        if session.archive:
+            try:
+                session.archive.unlock()
+            except OSError:
+                pass
+
+
+def _oserror(e):
+    text = e.strerror or str(e)
+    return "storage error: %s%s" % (text, (": " + e.filename) if e.filename else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The archive as the agent keeps it: named objects in a store.
+
+Layout (doc/FORMAT.md): ``header`` (opaque to the agent, written by dom0),
+``archive`` (the root), ``manifests/<32 hex>``, ``chunks/<2 hex>/<64 hex>``,
+``lock``.  Chunk data is never rewritten; the root is written last in every
+mutation, after everything it refers to is durable.
+"""
+import json
+import os
+import socket
+import threading
+import time
+
+from .objects import MAGIC
+
+HEADER_NAME, ROOT_NAME, LOCK_NAME = "header", "archive", "lock"
+MAX_HEADER = 64 << 10
+PART = 1 << 20  # plaintext per segment of manifests and the root
+# an object shorter than this cannot be a sealed chunk: a crash left it
+MIN_OBJECT = len(MAGIC) + 1 + 4 + 1
+
+
+class ArchiveError(Exception):
+    pass
+
+
+def chunk_name(chunk_id):
+    h = chunk_id.hex()
+    return "chunks/%s/%s" % (h[:2], h)
+
+
+def manifest_name(mid):
+    return "manifests/" + mid.hex()
+
+
+class Archive:
+    def __init__(self, store):
+        self.store = store
+        self.codec = None
+        self.chunk_size = None
+        self.lock_token = None
+        self.lock_ttl = 0
+        self.lock_renewed = 0.0
+        self.stats = [0, 0, 0, 0]  # stored, deduplicated, bytes in, bytes stored
+        self.writers = Workers(min(4, os.cpu_count() or 1))
+        self.writing = set()  # ids of chunks being stored right now
+
+    # -- creation and header ---------------------------------------------
+    def init(self, header):
+        if len(header) > MAX_HEADER:
+            raise ArchiveError("header too large")
+        # a folder holding only a header is an arch-init that was interrupted
+        if any(name != HEADER_NAME for name in self.store.list("")):
+            raise ArchiveError("destination %s exists and is not empty" % self.store.root)
+        self.store.make_root()
+        self.store.write(HEADER_NAME, header, durable=True)
+
+    def header(self):
+        try:
+            data = self.store.read(HEADER_NAME)
+        except FileNotFoundError:
+            raise ArchiveError("no archive at %s" % self.store.root) from None
+        except NotADirectoryError:
+            raise ArchiveError("no archive at %s (not a directory)" % self.store.root) from None
+        if len(data) > MAX_HEADER:
+            raise ArchiveError("archive header is too large")
+        return data
+
+    def open(self, codec, chunk_size):
+        self.codec, self.chunk_size = codec, chunk_size
+
+    # -- writer lock ------------------------------------------------------
+    def lock(self, owner, ttl, force):
+        token = os.urandom(8).hex()
+        body = self._lock_body(owner, ttl, token)
+        if not self.store.create_exclusive(LOCK_NAME, body):
+            holder = self._read_lock() or {}
+            if _lock_is_live(holder) and not force:
+                raise ArchiveError("archive is locked by %s until %s" % (
+                    str(holder.get("owner", "?"))[:200],
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["expires"]))))
+            self.store.write(LOCK_NAME, body, durable=True)
+            time.sleep(0.05)  # let a racing taker's write land, then check who won
+            if (self._read_lock() or {}).get("token") != token:
+                raise ArchiveError("archive lock was taken by another writer")
+        self.lock_token, self.lock_ttl, self.lock_owner = token, ttl, owner
+        self.lock_renewed = time.monotonic()
+
+    def renew_lock(self):
+        """Called between requests: push the expiry forward while working."""
+        if self.lock_token and time.monotonic() - self.lock_renewed > self.lock_ttl / 3:
+            self.store.write(LOCK_NAME, self._lock_body(self.lock_owner, self.lock_ttl, self.lock_token))
+            self.lock_renewed = time.monotonic()
+
+    def unlock(self):
+        if self.lock_token and (self._read_lock() or {}).get("token") == self.lock_token:
+            self.store.delete(LOCK_NAME)
+        self.lock_token = None
+
+    def require_lock(self):
+        if not self.lock_token:
+            raise ArchiveError("a writer must hold the archive lock")
+
+    def _lock_body(self, owner, ttl, token):
+        return json.dumps({"owner": "%s on %s (pid %d)" % (owner, socket.gethostname(), os.getpid()),
+                           "host": socket.gethostname(), "pid": os.getpid(),
+                           "expires": time.time() + ttl, "token": token}).encode()
+
+    def _read_lock(self):
+        try:
+            return json.loads(self.store.read(LOCK_NAME))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    # -- objects ------------------------------------------------------------
+    def root(self):
+        """The root's plaintext in parts, or None if there is no root yet."""
+        try:
+            source = self.store.open(ROOT_NAME)
+        except FileNotFoundError:
+            return None
+        return self._parts(ROOT_NAME, source)
+
+    def put_chunk(self, chunk_id, data):
+        """Store a chunk unless it is there already; compression, encryption
+        and the write happen on worker threads (they release the GIL)."""
+        self.require_lock()
+        name = chunk_name(chunk_id)
+        with self.writers.mutex:
+            self.stats[2] += len(data)
+            duplicate = chunk_id in self.writing
+            if not duplicate:
+                self.writing.add(chunk_id)
+        if duplicate:
+            self._count(1, 0)
+            return
+        self.writers.submit(self._store_chunk, name, chunk_id, data)
+
+    def _store_chunk(self, name, chunk_id, data):
+        try:
+            size = self.store.size(name)
+            if size is not None and size >= MIN_OBJECT:
+                self._count(1, 0)
+                return
+            sealed = self.codec.seal(name, data)
+            self.store.write(name, sealed)
+            self._count(0, len(sealed))
+        finally:
+            with self.writers.mutex:
+                self.writing.discard(chunk_id)
+
+    def _count(self, duplicate, stored_bytes):
+        with self.writers.mutex:
+            self.stats[1 if duplicate else 0] += 1
+            self.stats[3] += stored_bytes
+
+    def drain(self):
+        """Wait for every chunk write; raise the first failure."""
+        self.writers.drain()
+
+    def get_chunk(self, chunk_id):
+        name = chunk_name(chunk_id)
+        try:
+            blob = self.store.read(name)
+        except FileNotFoundError:
+            raise ArchiveError("chunk %s is missing" % chunk_id.hex()) from None
+        return self.codec.open(name, blob, self.chunk_size)
+
+    def put_manifest(self, mid, parts):
+        self.require_lock()
+        name = manifest_name(mid)
+        self.store.write(name, self.codec.seal_stream(name, parts))
+
+    def get_manifest(self, mid):
+        name = manifest_name(mid)
+        try:
+            source = self.store.open(name)
+        except FileNotFoundError:
+            raise ArchiveError("manifest %s is missing" % mid.hex()) from None
+        return self._parts(name, source)
+
+    def _parts(self, name, source):
+        with source:
+            yield from self.codec.open_stream(name, source, PART)
+
+    def put_root(self, parts):
+        """Commit: make every object written so far durable, then replace
+        the root atomically.  A crash before the rename leaves the old root."""
+        self.require_lock()
+        self.drain()
+        self.store.sync()
+        self.store.write(ROOT_NAME, self.codec.seal_stream(ROOT_NAME, parts), durable=True)
+
+
+
+def _lock_is_live(holder):
+    """A lock counts until it expires, unless its holder ran on this host
+    and is gone (killed): then it is stale at once."""
+    if not isinstance(holder.get("expires"), (int, float)) or holder["expires"] <= time.time():
+        return False
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+    return True
+
+
+class Workers:
+    """A few threads and a bounded backlog, so memory stays a few chunks."""
+
+    def __init__(self, count):
+        self.count = count
+        self.mutex = threading.Lock()
+        self.done = threading.Condition(self.mutex)
+        self.running = 0
+        self.failure = None
+        self.threads = []
+        self.queue = []
+
+    def submit(self, fn, *args):
+        with self.done:
+            while self.running >= 2 * self.count and not self.failure:
+                self.done.wait()
+            self._raise()
+            self.running += 1
+            self.queue.append((fn, args))
+            if len(self.threads) < self.count:
+                thread = threading.Thread(target=self._work, daemon=True)
+                self.threads.append(thread)
+                thread.start()
+            self.done.notify_all()
+
+    def _work(self):
+        while True:
+            with self.done:
+                while not self.queue:
+                    self.done.wait()
+                fn, args = self.queue.pop(0)
+            try:
+                fn(*args)
+            except BaseException as e:  # reported to the request loop
+                with self.done:
+                    self.failure = self.failure or e
+            with self.done:
+                self.running -= 1
+                self.done.notify_all()
+
+    def drain(self):
+        with self.done:
+            while self.running and not self.failure:
+                self.done.wait()
+            self._raise()
+
+    def _raise(self):
+        if self.failure:
+            raise self.failure

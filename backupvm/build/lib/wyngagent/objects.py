@@ -1,0 +1,169 @@
+"""Sealing and opening stored objects: compression, then XChaCha20-Poly1305.
+
+Every stored object (chunk, manifest, root) is a sequence of segments
+(doc/FORMAT.md, "Object container").  A segment's plaintext is one
+compression byte followed by the (maybe compressed) payload; when
+encryption is on it is sealed with a random 24-byte nonce and the associated
+data ``object name | segment index | last flag``, so an object moved to
+another name, a segment moved, dropped or appended fails to open.
+"""
+import bz2
+import io
+import os
+import struct
+import threading
+import zlib
+
+import zstandard
+
+from . import aead
+
+MAGIC = b"QWO\x01"
+CIPHER_NONE, CIPHER_XCHACHA = 0, 1
+COMP_NONE, COMP_ZSTD, COMP_ZLIB, COMP_BZ2 = 0, 1, 2, 3
+SEGMENT = struct.Struct(">I")  # high bit: last segment; low 31 bits: stored length
+LAST = 1 << 31
+NONCE, TAG = aead.NONCE, aead.TAG
+MAX_SEGMENT = 4 << 20
+
+
+class ObjectError(Exception):
+    pass
+
+
+class Codec:
+    def __init__(self, cipher, compression, level, key):
+        if cipher not in (CIPHER_NONE, CIPHER_XCHACHA):
+            raise ObjectError("unknown cipher %d" % cipher)
+        if cipher == CIPHER_XCHACHA and len(key) != 32:
+            raise ObjectError("encryption key must be 32 bytes")
+        self.cipher, self.key = cipher, key
+        self.compression = compression
+        if compression == COMP_ZSTD:
+            local = threading.local()  # a ZstdCompressor must not be shared between threads
+
+            def compress(data):
+                if not hasattr(local, "zstd"):
+                    local.zstd = zstandard.ZstdCompressor(level=level)
+                return local.zstd.compress(data)
+            self.compress = compress
+        elif compression == COMP_ZLIB:
+            self.compress = lambda data: zlib.compress(data, level)
+        elif compression == COMP_BZ2:
+            self.compress = lambda data: bz2.compress(data, max(1, level))
+        elif compression == COMP_NONE:
+            self.compress = None
+        else:
+            raise ObjectError("unknown compression %d" % compression)
+
+    # -- writing ---------------------------------------------------------
+    def seal(self, name, data):
+        """One object of one segment."""
+        return MAGIC + bytes([self.cipher]) + self.segment(name, 0, True, data)
+
+    def seal_stream(self, name, parts):
+        """Yield the bytes of an object made of the given plaintext parts."""
+        yield MAGIC + bytes([self.cipher])
+        index, previous = 0, None
+        for part in parts:
+            if previous is not None:
+                yield self.segment(name, index, False, previous)
+                index += 1
+            previous = part
+        yield self.segment(name, index, True, previous or b"")
+
+    def segment(self, name, index, last, data):
+        packed = self.compress(data) if self.compress and data else None
+        if packed is not None and len(packed) < len(data):
+            plain = bytes([self.compression]) + packed
+        else:
+            plain = bytes([COMP_NONE]) + data
+        if self.cipher == CIPHER_XCHACHA:
+            nonce = os.urandom(NONCE)
+            sealed = nonce + aead.seal(self.key, nonce, _aad(name, index, last), plain)
+        else:
+            sealed = plain
+        return SEGMENT.pack(len(sealed) | (LAST if last else 0)) + sealed
+
+    # -- reading ---------------------------------------------------------
+    def open(self, name, blob, max_plain):
+        """The plaintext of a whole object held in memory."""
+        return b"".join(self.open_stream(name, _BytesSource(blob), max_plain))
+
+    def open_stream(self, name, source, max_part):
+        """Yield the plaintext segments of an object read from ``source``
+        (anything with read(n)); each is at most ``max_part`` bytes."""
+        if _exact(source, 5) != MAGIC + bytes([self.cipher]):
+            raise ObjectError("%s: not an object of this archive" % name)
+        index = 0
+        while True:
+            (word,) = SEGMENT.unpack(_exact(source, 4))
+            last, length = bool(word & LAST), word & ~LAST
+            if length > MAX_SEGMENT:
+                raise ObjectError("%s: segment too large" % name)
+            yield self._open_segment(name, index, last, _exact(source, length), max_part)
+            if last:
+                if source.read(1):
+                    raise ObjectError("%s: data after the last segment" % name)
+                return
+            index += 1
+
+    def _open_segment(self, name, index, last, stored, max_part):
+        if self.cipher == CIPHER_XCHACHA:
+            if len(stored) < NONCE + TAG + 1:
+                raise ObjectError("%s: segment too short" % name)
+            body = aead.open(self.key, stored[:NONCE], _aad(name, index, last), stored[NONCE:])
+            if body is None:
+                raise ObjectError("%s: fails authentication" % name)
+        else:
+            body = stored
+        if not body:
+            raise ObjectError("%s: empty segment" % name)
+        return _decompress(name, body[0], memoryview(body)[1:], max_part)
+
+
+def _aad(name, index, last):
+    return name.encode() + struct.pack(">IB", index, last)
+
+
+def _decompress(name, kind, data, limit):
+    """Decompress at most ``limit`` bytes; more is an error (no bombs)."""
+    if kind == COMP_NONE:
+        out = bytes(data)
+    elif kind == COMP_ZSTD:
+        # a stream reader caps the output whatever the frame header claims
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
+        try:
+            out = reader.read(limit + 1)
+        except zstandard.ZstdError:
+            raise ObjectError("%s: bad zstd data" % name) from None
+    elif kind in (COMP_ZLIB, COMP_BZ2):
+        reader = zlib.decompressobj() if kind == COMP_ZLIB else bz2.BZ2Decompressor()
+        try:
+            out = reader.decompress(data, limit + 1)
+        except (zlib.error, OSError, ValueError):
+            raise ObjectError("%s: bad compressed data" % name) from None
+        if not reader.eof:
+            raise ObjectError("%s: truncated or oversized compressed data" % name)
+    else:
+        raise ObjectError("%s: unknown compression %d" % (name, kind))
+    if len(out) > limit:
+        raise ObjectError("%s: decompresses beyond %d bytes" % (name, limit))
+    return out
+
+
+def _exact(source, n):
+    data = source.read(n)
+    if len(data) != n:
+        raise ObjectError("object is truncated")
+    return data
+
+
+class _BytesSource:
+    def __init__(self, blob):
+        self.view, self.pos = memoryview(blob), 0
+
+    def read(self, n):
+        part = self.view[self.pos:self.pos + n]
+        self.pos += len(part)
+        return part

@@ -1,0 +1,40 @@
+"""list: the volumes of an archive, or the sessions of some volumes."""
+import json
+import time
+
+from ..archive import Archive
+from ..progress import size
+
+
+def session_info(ses):
+    return {"session": ses["name"], "size": ses["size"], "changed_chunks": ses.get("changed", 0),
+            "time": ses["time"], "tags": ses.get("tags", {})}
+
+
+def run(opts, app):
+    archive = Archive(opts, app).open()
+    try:
+        root = archive.root
+        vols = [archive.require_volume(n) for n in opts.volumes] if opts.volumes else root["volumes"]
+    finally:
+        archive.close()
+    if opts.json:
+        print(json.dumps({"archive": root["archive"], "updated": root["time"], "volumes": [
+            {"name": v["name"], "sessions": [session_info(s) for s in v["sessions"]]} for v in vols]},
+            indent=1))
+        return 0
+    if not opts.volumes:
+        if not opts.quiet:
+            print("Archive updated %s; %d volumes" % (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(root["time"])), len(vols)))
+        for v in vols:
+            last = v["sessions"][-1] if v["sessions"] else None
+            print("%-40s %4d sessions  %s" % (v["name"], len(v["sessions"]),
+                  "last %s, %s" % (last["name"], size(last["size"])) if last else "no sessions"))
+        return 0
+    for v in vols:
+        print("%s:" % v["name"])
+        for s in v["sessions"]:
+            tags = " ".join("^" + t for t in sorted(s.get("tags", {})))
+            print("  %s  %10s  %7d changed  %s" % (s["name"], size(s["size"]), s.get("changed", 0), tags))
+    return 0

@@ -1,0 +1,129 @@
+"""receive and verify: rebuild a session from the archive, checking each chunk.
+
+The manifest chain is verified and merged first (nothing is written before
+every MAC matched); then every chunk is fetched and checked against its
+keyed id before it is written.  A regular file is written to a temporary
+name beside the target and renamed into place only when all of it checked
+out, so a failed restore never leaves a file that looks complete.
+"""
+import os
+import secrets
+import stat
+
+from ..archive import Archive
+from ..errors import Fail
+from ..manifest import ZERO
+from ..progress import Progress, size
+from . import pick_session
+
+
+class FileTarget:
+    """--save-to: a new or replaced regular file, or an existing block device."""
+
+    def __init__(self, path, size):
+        self.path, self.size = path, size
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = 0
+        except OSError as e:
+            raise Fail("%s: %s" % (path, e.strerror)) from None
+        self.device = stat.S_ISBLK(mode)
+        if mode and not (self.device or stat.S_ISREG(mode)):
+            raise Fail("%s: not a regular file or block device" % path)
+        try:
+            if self.device:
+                self.temp = None
+                self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                if os.lseek(self.fd, 0, os.SEEK_END) < size:
+                    os.close(self.fd)
+                    raise Fail("%s: device is smaller than the volume (%d bytes)" % (path, size))
+            else:
+                folder, base = os.path.split(os.path.abspath(path))
+                self.temp = os.path.join(folder, ".%s.qwyng-%s" % (base, secrets.token_hex(4)))
+                self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise Fail("%s: %s" % (path, e.strerror)) from None
+
+    def write(self, offset, data):
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def finish(self):
+        os.fsync(self.fd)
+        os.close(self.fd)
+        if self.temp:
+            os.rename(self.temp, self.path)
+
+    def abort(self):
+        os.close(self.fd)
+        if self.temp:
+            os.unlink(self.temp)
+
+
+def restore(archive, chunk_map, total, write, opts, label, zeros_needed):
+    """Fetch and check every chunk; ``write(offset, data)`` each one."""
+    cs = archive.chunk_size
+    count = len(chunk_map)
+
+    def length(i):
+        return min(cs, total - i * cs)
+    if zeros_needed:
+        zero = bytes(cs)
+        for i in range(count):
+            if chunk_map[i] == ZERO:
+                write(i * cs, zero[:length(i)])
+    wanted = ((i, cid, length(i)) for i, cid in ((i, chunk_map[i]) for i in range(count)) if cid != ZERO)
+    progress = Progress(opts, label, total)
+    fetched = 0
+    for index, data in archive.fetch(wanted):
+        write(index * cs, data)
+        fetched += 1
+        progress.update(index * cs)
+    progress.close()
+    return fetched
+
+
+def _load(opts, app):
+    if len(opts.volumes) != 1:
+        raise Fail("%s: name one volume" % opts.command)
+    archive = Archive(opts, app).open()
+    vol = archive.require_volume(opts.volumes[0])
+    index = pick_session(opts, vol)
+    return archive, vol, vol["sessions"][index], archive.chunk_map(vol, index)
+
+
+def run(opts, app):
+    if not opts.save_to:
+        raise Fail("receive needs --save-to=PATH")
+    archive, vol, ses, chunk_map = _load(opts, app)
+    try:
+        target = FileTarget(opts.save_to, ses["size"])
+        try:
+            fetched = restore(archive, chunk_map, ses["size"], target.write, opts, vol["name"],
+                              zeros_needed=target.device)
+            target.finish()
+        except BaseException:
+            target.abort()
+            raise
+    finally:
+        archive.close()
+    if not opts.quiet:
+        print("%s: session %s received to %s (%s, %d chunks)" % (
+            vol["name"], ses["name"], opts.save_to, size(ses["size"]), fetched))
+    return 0
+
+
+def run_verify(opts, app):
+    archive, vol, ses, chunk_map = _load(opts, app)
+    try:
+        fetched = restore(archive, chunk_map, ses["size"], lambda _o, _d: None, opts, vol["name"],
+                          zeros_needed=False)
+    finally:
+        archive.close()
+    if not opts.quiet:
+        print("%s: session %s verified (%s, %d chunks)" % (vol["name"], ses["name"], size(ses["size"]), fetched))
+    return 0

@@ -1,0 +1,152 @@
+"""send: back up volumes as a new session.
+
+Each volume's source yields its chunks; a chunk whose id differs from the
+parent session's map is listed in the new delta manifest and, unless it is
+zeros, sent to the agent (which stores it once, whatever volume it is in).
+The root is committed once, after every volume's manifest is stored.
+"""
+import json
+import time
+
+from ..archive import Archive
+from ..errors import Fail
+from ..manifest import ZERO, chunk_count
+from ..progress import Progress, notice, size
+from ..sources.image import ImageSource
+from . import volume_name
+
+IMPORT_SEP = ":|:"
+
+
+def sources(opts):
+    """(volume name, source) for every volume asked for, all opened before
+    the archive is touched, so a bad path fails the command up front."""
+    wanted = []
+    for spec in opts.import_other_from:
+        name, sep, path = spec.partition(IMPORT_SEP)
+        if not sep or not path:
+            raise Fail("--import-other-from takes VOLUME:|:PATH, not %r" % spec)
+        wanted.append((volume_name(name), path))
+    if opts.volumes:
+        raise Fail("send needs --local for volume names (%s); for a plain file or device use "
+                   "--import-other-from=NAME:|:PATH" % ", ".join(opts.volumes))
+    if not wanted:
+        raise Fail("send: no volumes given")
+    names = [n for n, _p in wanted]
+    if len(set(names)) != len(names):
+        raise Fail("send: a volume is named twice")
+    opened = []
+    try:
+        for name, path in wanted:
+            opened.append((name, ImageSource(path)))
+    except Fail:
+        for _n, src in opened:
+            src.close()
+        raise
+    return opened
+
+
+def session_name(archive, names, now=None):
+    """YYYYMMDD-HHMMSS, local time, later than every session of these volumes."""
+    now = int(time.time() if now is None else now)
+    latest = max((v["sessions"][-1]["name"] for v in map(archive.volume, names)
+                  if v and v["sessions"]), default="")
+    while True:
+        name = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        if name > latest:
+            return name
+        now += 1
+
+
+def parse_tags(specs):
+    tags = {}
+    for spec in specs:
+        tag, _, desc = spec.partition(",")
+        if not tag or len(tag) > 64 or not all(c.isalnum() or c in "-_." for c in tag):
+            raise Fail("--tag: %r is not a tag name (letters, digits, - _ .)" % tag)
+        tags[tag] = desc[:200]
+    return tags
+
+
+def send_volume(archive, name, source, session, tags, opts):
+    vol = archive.volume(name) or archive.add_volume(name)
+    cs, keys = archive.chunk_size, archive.keys
+    chunk_map = archive.chunk_map(vol, cached=True)
+    old_count, old_size = len(chunk_map), (vol["sessions"][-1]["size"] if vol["sessions"] else None)
+    count = chunk_count(source.size, cs)
+    chunk_map.resize(count)
+    changed = bytearray((count + 7) // 8)
+    zero = memoryview(bytes(cs))
+    st = {"volume": name, "chunks_scanned": count, "chunks_read": 0, "chunks_changed": 0,
+          "chunks_sent": 0, "bytes_read": 0, "bytes_sent": 0}
+    progress = Progress(opts, name, source.size)
+    before = archive.agent_stats()
+    for index, data in source.chunks(cs):
+        if data is None:
+            cid = ZERO
+        else:
+            st["chunks_read"] += 1
+            st["bytes_read"] += len(data)
+            cid = ZERO if data == zero[:len(data)] else keys.chunk_id(data)
+        if index >= old_count or chunk_map.ids[32 * index:32 * index + 32] != cid:
+            changed[index >> 3] |= 1 << (index & 7)
+            st["chunks_changed"] += 1
+            chunk_map[index] = cid
+            if cid != ZERO:
+                archive.put_chunk(cid, data)
+                st["chunks_sent"] += 1
+                st["bytes_sent"] += len(data)
+        progress.update(index * cs)
+    progress.close()
+    after = archive.agent_stats()
+    st["chunks_deduplicated"] = after[1] - before[1]
+    st["bytes_stored"] = after[3] - before[3]
+    if st["chunks_changed"] == 0 and source.size == old_size and not opts.send_unchanged:
+        st["session"] = None
+        return st, None
+    entries = ((i, chunk_map[i]) for i in range(count) if changed[i >> 3] & (1 << (i & 7)))
+    ses = archive.write_manifest(vol, session, source.size, st["chunks_changed"], entries, tags)
+    st["session"] = session
+    return st, (vol, ses, chunk_map)
+
+
+def run(opts, app):
+    targets = sources(opts)
+    tags = parse_tags(opts.tag)
+    archive = Archive(opts, app).open(write=True)
+    try:
+        session = session_name(archive, [n for n, _s in targets])
+        results, new = [], []
+        for name, source in targets:
+            st, added = send_volume(archive, name, source, session, tags, opts)
+            results.append(st)
+            if added:
+                new.append(added)
+        if new:
+            archive.commit()
+            for vol, ses, chunk_map in new:
+                archive.meta.save_map(vol["id"], bytes.fromhex(ses["mac"]), chunk_map)
+    finally:
+        archive.close()
+        for _n, src in targets:
+            src.close()
+    report(opts, results)
+    return 0
+
+
+def report(opts, results):
+    if opts.json:
+        print(json.dumps({"volumes": results}, indent=1))
+        return
+    for st in results:
+        if st["session"] is None:
+            notice(opts, "%s: unchanged, no session recorded" % st["volume"])
+            continue
+        if not opts.quiet:
+            print("%s: session %s, %d of %d chunks changed, %s sent" % (
+                st["volume"], st["session"], st["chunks_changed"], st["chunks_scanned"],
+                size(st["bytes_sent"])))
+        if opts.verbose:
+            print("  read %d chunks (%s), sent %d, deduplicated %d, stored %s" % (
+                st["chunks_read"], size(st["bytes_read"]), st["chunks_sent"],
+                st["chunks_deduplicated"], size(st["bytes_stored"])))

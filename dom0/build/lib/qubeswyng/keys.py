@@ -1,0 +1,130 @@
+"""Passphrase -> keys (DESIGN §2), with the standard library only.
+
+A random 32-byte ``master`` key is made at arch-init and kept in the archive
+header wrapped under a key-encryption key derived from the passphrase with
+scrypt.  From ``master`` HKDF derives K_id (chunk ids) and K_mac (manifest
+and root MACs), which never leave dom0, and K_enc, which the agent gets to
+encrypt what it stores.  Changing the passphrase re-wraps ``master`` only.
+"""
+import hashlib
+import hmac
+import os
+import struct
+import subprocess
+import sys
+import time
+
+from .errors import Fail
+
+# scrypt cost: log2(N), r, p.  64 MiB and about 0.2 s here.
+SCRYPT_DEFAULT = (16, 8, 1)
+SCRYPT_MAX_MEM = 256 << 20  # a hostile header must not make dom0 allocate more
+
+
+def scrypt_bounds_ok(log_n, r, p):
+    return 10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16 \
+        and 128 * r * (1 << log_n) <= SCRYPT_MAX_MEM and p * r <= 64
+
+
+def derive_kek(passphrase, salt, log_n, r, p):
+    if not scrypt_bounds_ok(log_n, r, p):
+        raise Fail("archive header asks for scrypt parameters outside safe bounds")
+    return hashlib.scrypt(passphrase, salt=salt, n=1 << log_n, r=r, p=p,
+                          maxmem=SCRYPT_MAX_MEM + (1 << 20), dklen=64)
+
+
+def wrap(kek, master, bound):
+    """Encrypt-then-MAC of the 32-byte master key; ``bound`` is the header
+    text the tag also covers.  Returns nonce | ciphertext | tag."""
+    nonce = os.urandom(16)
+    ct = _xor(master, hmac.digest(kek[:32], b"wrap" + nonce, "sha256"))
+    return nonce + ct + hmac.digest(kek[32:], bound + nonce + ct, "sha256")
+
+
+def unwrap(kek, wrapped, bound):
+    nonce, ct, tag = wrapped[:16], wrapped[16:48], wrapped[48:80]
+    if not hmac.compare_digest(tag, hmac.digest(kek[32:], bound + nonce + ct, "sha256")):
+        raise Fail("wrong passphrase (or the archive header was altered)")
+    return _xor(ct, hmac.digest(kek[:32], b"wrap" + nonce, "sha256"))
+
+
+WRAPPED_SIZE = 80
+
+
+def _xor(a, b):
+    return bytes(x ^ y for x, y in zip(a, b))
+
+
+def hkdf(master, salt, info):
+    """RFC 5869 HKDF-SHA256 with a 32-byte output."""
+    prk = hmac.digest(salt, master, "sha256")
+    return hmac.digest(prk, info + b"\x01", "sha256")
+
+
+class Keys:
+    def __init__(self, master, archive_id):
+        self.master = master
+        self.id = hkdf(master, archive_id, b"qubes-wyng chunk id")
+        self.mac = hkdf(master, archive_id, b"qubes-wyng mac")
+        self.enc = hkdf(master, archive_id, b"qubes-wyng storage encryption")
+
+    def chunk_id(self, data):
+        return hmac.digest(self.id, data, "sha256")
+
+    def sign(self, label, data):
+        return hmac.digest(self.mac, label + data, "sha256")
+
+    def check(self, label, data, mac):
+        return hmac.compare_digest(self.sign(label, data), mac)
+
+
+# -- getting the passphrase ---------------------------------------------------
+
+def read_passphrase(opts, confirm=False):
+    if opts.passcmd:
+        done = subprocess.run(opts.passcmd, shell=True, stdout=subprocess.PIPE)
+        if done.returncode != 0:
+            raise Fail("--passcmd exited with status %d" % done.returncode)
+        secret = done.stdout.rstrip(b"\r\n")
+    elif sys.stdin.isatty():
+        if opts.unattended:
+            raise Fail("a passphrase is needed; give --passcmd for unattended use")
+        import getpass
+        secret = getpass.getpass("Passphrase: ").encode()
+        if confirm and getpass.getpass("Again: ").encode() != secret:
+            raise Fail("the passphrases do not match")
+    else:
+        secret = sys.stdin.buffer.readline(4096).rstrip(b"\r\n")
+    if not secret:
+        raise Fail("empty passphrase")
+    return secret
+
+
+# -- the auth cache: the master key kept in tmpfs for --authmin minutes ---------
+
+CACHE = struct.Struct(">d32s")
+
+
+def cached_master(cache_dir, archive_id, authmin):
+    path = os.path.join(cache_dir, archive_id.hex())
+    if authmin <= 0:
+        if authmin < 0 and os.path.exists(path):
+            os.unlink(path)
+        return None
+    try:
+        with open(path, "rb") as f:
+            expires, master = CACHE.unpack(f.read(CACHE.size))
+    except (OSError, struct.error):
+        return None
+    return master if time.time() < expires else None
+
+
+def store_master(cache_dir, archive_id, master, authmin):
+    if authmin <= 0:
+        return
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(cache_dir, archive_id.hex())
+    fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(CACHE.pack(time.time() + authmin * 60, master))
+    os.rename(path + ".new", path)

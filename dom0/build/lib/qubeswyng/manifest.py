@@ -1,0 +1,125 @@
+"""Delta manifests and the chunk map they build (DESIGN §3, doc/FORMAT.md).
+
+A session's manifest lists ``(chunk index, chunk id)`` for the chunks that
+changed since the parent session; an all-zero id means a chunk of zeros.
+Its header binds it to the archive, the volume, the session and the
+parent's MAC (a chain), and dom0's MAC over all of it ends the manifest.
+Every index from the parent's end to this session's end is listed, so a
+volume that shrank and grew again never shows stale chunks.
+"""
+import hashlib
+import hmac
+import struct
+
+from .errors import Fail
+
+MAGIC = b"QWYNGMAN"
+HEAD = struct.Struct(">8sHHI16s16s16sQQQ32s")
+ENTRY = struct.Struct(">Q32s")
+LABEL = b"qubes-wyng manifest\0"
+ZERO = bytes(32)
+MAC_SIZE = 32
+PART = 1 << 20
+
+
+class ChunkMap:
+    """The id of every chunk of one volume version: 32 bytes per chunk."""
+
+    def __init__(self, count=0, ids=None):
+        self.ids = ids if ids is not None else bytearray(32 * count)
+
+    def __len__(self):
+        return len(self.ids) // 32
+
+    def resize(self, count):
+        if count < len(self):
+            del self.ids[32 * count:]
+        else:
+            self.ids.extend(bytes(32 * (count - len(self))))
+
+    def __getitem__(self, i):
+        return bytes(self.ids[32 * i:32 * i + 32])
+
+    def __setitem__(self, i, cid):
+        self.ids[32 * i:32 * i + 32] = cid
+
+
+def chunk_count(size, chunk_size):
+    return -(-size // chunk_size)
+
+
+class Head:
+    def __init__(self, chunk_size, archive_id, volume_id, session, time, size, count, parent_mac):
+        self.chunk_size, self.archive_id, self.volume_id = chunk_size, archive_id, volume_id
+        self.session, self.time, self.size = session, time, size
+        self.count, self.parent_mac = count, parent_mac
+
+    def pack(self):
+        return HEAD.pack(MAGIC, 1, 0, self.chunk_size, self.archive_id, self.volume_id,
+                         self.session.encode(), self.time, self.size, self.count, self.parent_mac)
+
+
+def encode(keys, head, entries):
+    """Yield the manifest in parts of at most PART bytes, MAC last.
+    ``entries`` yields (index, id) in increasing index order."""
+    mac = hmac.new(keys.mac, LABEL, hashlib.sha256)
+    part = bytearray(head.pack())
+    for index, cid in entries:
+        part += ENTRY.pack(index, cid)
+        if len(part) > PART - ENTRY.size - MAC_SIZE:
+            mac.update(part)
+            yield bytes(part)
+            part = bytearray()
+    mac.update(part)
+    yield bytes(part) + mac.digest()
+
+
+def read(keys, parts, expect_mac, expect):
+    """Check a manifest streamed from the agent; yield its entries.
+
+    ``expect`` is the Head the verified root implies (all fields but count
+    and time); the header is compared with it before any entry is used, so
+    no size or count from the agent decides how much memory dom0 spends.
+    The final MAC check raises Fail: callers discard what they built."""
+    mac = hmac.new(keys.mac, LABEL, hashlib.sha256)
+    parts = iter(parts)
+    buf = bytearray()
+    while len(buf) < HEAD.size:
+        buf += _next(parts)
+    fields = HEAD.unpack(bytes(buf[:HEAD.size]))
+    if fields[:2] != (MAGIC, 1) or fields[3:7] != (expect.chunk_size, expect.archive_id, expect.volume_id,
+                                                   expect.session.encode().ljust(16, b"\0")) \
+            or fields[8] != expect.size or fields[10] != expect.parent_mac:
+        raise Fail("manifest of %s does not belong where the archive root puts it" % expect.session)
+    mac.update(buf[:HEAD.size])
+    del buf[:HEAD.size]
+    count, limit = fields[9], chunk_count(expect.size, expect.chunk_size)
+    seen, last = 0, -1
+    while True:
+        whole = min(len(buf) // ENTRY.size, count - seen) * ENTRY.size
+        if whole:
+            block = bytes(buf[:whole])
+            del buf[:whole]
+            mac.update(block)
+            for index, cid in ENTRY.iter_unpack(block):
+                if not last < index < limit:
+                    raise Fail("manifest of %s lists chunks out of order or range" % expect.session)
+                last = index
+                yield index, cid
+            seen += whole // ENTRY.size
+        if seen == count and len(buf) > MAC_SIZE:
+            break  # too long: fails below
+        part = next(parts, None)
+        if part is None:
+            break
+        buf += part
+    tag = mac.digest()
+    if seen != count or bytes(buf) != tag or not hmac.compare_digest(tag, expect_mac):
+        raise Fail("manifest of %s fails authentication" % expect.session)
+
+
+def _next(parts):
+    try:
+        return next(parts)
+    except StopIteration:
+        raise Fail("manifest is truncated") from None

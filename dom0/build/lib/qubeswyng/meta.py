@@ -1,0 +1,69 @@
+"""dom0's own state under --meta-dir (default /var/lib/qubes-wyng).
+
+Per archive id:
+- ``root-seen``: sequence number and MAC of the newest root dom0 has
+  accepted or written; an older root from the agent is a rollback.
+- ``maps/<volume id>``: the chunk map of a volume's newest session, keyed
+  by that session's manifest MAC, so that a send need not fetch and merge
+  the manifest chain when nothing else wrote to the archive in between.
+Everything here is written atomically; losing it costs speed, never safety
+(except root-seen, which is what rollback detection remembers).
+"""
+import json
+import os
+import struct
+
+from .manifest import ChunkMap
+
+MAP_HEAD = struct.Struct(">8s32sQ")
+MAP_MAGIC = b"QWYNGMAP"
+
+
+class Meta:
+    def __init__(self, meta_dir, archive_id):
+        self.dir = os.path.join(meta_dir, archive_id.hex())
+
+    def _path(self, *names):
+        return os.path.join(self.dir, *names)
+
+    def _write(self, path, parts):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        temp = path + ".new"
+        with open(temp, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, path)
+
+    def last_seen(self):
+        try:
+            with open(self._path("root-seen")) as f:
+                seen = json.load(f)
+            return seen["seq"], bytes.fromhex(seen["mac"])
+        except FileNotFoundError:
+            return None
+
+    def save_seen(self, seq, mac):
+        self._write(self._path("root-seen"), [json.dumps({"seq": seq, "mac": mac.hex()}).encode()])
+
+    def load_map(self, volume_id, head_mac):
+        try:
+            with open(self._path("maps", volume_id), "rb") as f:
+                magic, mac, count = MAP_HEAD.unpack(f.read(MAP_HEAD.size))
+                if magic != MAP_MAGIC or mac != head_mac:
+                    return None
+                ids = bytearray(f.read())
+        except (FileNotFoundError, struct.error):
+            return None
+        return ChunkMap(ids=ids) if len(ids) == 32 * count else None
+
+    def save_map(self, volume_id, head_mac, chunk_map):
+        self._write(self._path("maps", volume_id),
+                    [MAP_HEAD.pack(MAP_MAGIC, head_mac, len(chunk_map)), chunk_map.ids])
+
+    def drop_map(self, volume_id):
+        try:
+            os.unlink(self._path("maps", volume_id))
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,85 @@
+"""The image source: any regular file or block device, read in full.
+
+Holes (SEEK_DATA/SEEK_HOLE) are not read: a chunk wholly inside a hole is
+a zero chunk.  Every other chunk is read and its id compared with the
+parent session's, so the cost is a full read of the allocated data.
+"""
+import errno
+import os
+import stat
+
+from ..errors import Fail
+
+
+class ImageSource:
+    def __init__(self, path):
+        self.path = path
+        try:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            raise Fail("%s: %s" % (path, e.strerror)) from None
+        mode = os.fstat(self.fd).st_mode
+        if stat.S_ISREG(mode):
+            self.size = os.fstat(self.fd).st_size
+        elif stat.S_ISBLK(mode):
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        else:
+            os.close(self.fd)
+            raise Fail("%s: not a regular file or block device (it cannot be seeked)" % path)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def close(self):
+        os.close(self.fd)
+
+    def data_ranges(self):
+        """(start, end) byte ranges that may hold data, in order."""
+        pos = 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    return  # only a hole is left
+                if e.errno == errno.EINVAL:
+                    yield pos, self.size  # no hole support (block devices)
+                    return
+                raise
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
+            yield start, end
+            pos = end
+
+    def chunks(self, chunk_size, wanted=None):
+        """Yield (index, data) for every chunk; data is None for a chunk in
+        a hole.  The memoryview is reused: use it before the next step.
+        ``wanted`` (a sorted iterable of indexes) limits what is read."""
+        buf = bytearray(chunk_size)
+        count = -(-self.size // chunk_size)
+        data_chunks = self._data_chunks(chunk_size, count)
+        indexes = range(count) if wanted is None else wanted
+        for index in indexes:
+            if not data_chunks(index):
+                yield index, None
+                continue
+            offset = index * chunk_size
+            length = min(chunk_size, self.size - offset)
+            view = memoryview(buf)[:length]
+            got = os.preadv(self.fd, [view], offset)
+            if got != length:
+                raise Fail("%s: short read at byte %d (did it shrink?)" % (self.path, offset + got))
+            yield index, view
+
+    def _data_chunks(self, chunk_size, count):
+        """A test index -> 'touches data', walking the ranges forward."""
+        ranges = self.data_ranges()
+        current = [None]  # (first chunk, last chunk + 1) of the current range
+
+        def test(index):
+            while current[0] is None or index >= current[0][1]:
+                nxt = next(ranges, None)
+                if nxt is None:
+                    current[0] = (count, count)
+                    return False
+                current[0] = (nxt[0] // chunk_size, -(-nxt[1] // chunk_size))
+            return index >= current[0][0]
+        return test

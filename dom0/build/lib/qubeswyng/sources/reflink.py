@@ -1,0 +1,202 @@
+"""Change detection on reflink filesystems (Btrfs, XFS): the low-level part.
+
+A snapshot is a reflink copy (FICLONE): it shares every data block with
+the volume at that moment.  Later, the volume's writes go to new blocks
+(copy on write) while the snapshot keeps the old ones, so two snapshots of
+one volume map a byte to the same physical address exactly where that byte
+was not rewritten in between.  ``changed_ranges`` compares the two
+logical->physical mappings (from FIEMAP) interval by interval.
+
+This holds only while the old snapshot exists, unmodified, from the moment
+it was cloned until the new map is read: its references are what keep its
+blocks from being freed and reused for other data.  So read both maps when
+comparing, never keep an old map for later.  See doc/reflink.md.
+"""
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+
+from ..errors import Fail
+
+
+def _ioc(direction, kind, nr, size):
+    """_IOC() of asm-generic/ioctl.h (x86, arm): dir:2 size:14 type:8 nr:8."""
+    return direction << 30 | size << 16 | kind << 8 | nr
+
+
+_WRITE, _READ = 1, 2
+FICLONE = _ioc(_WRITE, 0x94, 9, struct.calcsize("i"))                  # 0x40049409
+FS_IOC_GETFLAGS = _ioc(_READ, ord("f"), 1, struct.calcsize("l"))       # 0x80086601
+FS_NOCOW_FL = 0x00800000
+
+# struct fiemap: fm_start, fm_length (u64); fm_flags, fm_mapped_extents,
+# fm_extent_count, fm_reserved (u32); then fm_extent_count extents of
+# struct fiemap_extent: fe_logical, fe_physical, fe_length,
+# fe_reserved64[2] (u64); fe_flags, fe_reserved[3] (u32).
+FIEMAP = struct.Struct("=QQIIII")                                    # 32 bytes
+FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")                         # 56 bytes
+FS_IOC_FIEMAP = _ioc(_READ | _WRITE, ord("f"), 11, FIEMAP.size)      # 0xC020660B
+FIEMAP_MAX_OFFSET = (1 << 64) - 1
+FIEMAP_FLAG_SYNC = 0x1
+BATCH = 512                      # extents asked for per FIEMAP call
+
+EXTENT_LAST = 0x1
+EXTENT_UNKNOWN = 0x2             # data location unknown
+EXTENT_DELALLOC = 0x4            # not allocated yet (also sets UNKNOWN)
+EXTENT_ENCODED = 0x8             # compressed: physical is where the encoded extent starts
+EXTENT_DATA_ENCRYPTED = 0x80
+EXTENT_NOT_ALIGNED = 0x100
+EXTENT_DATA_INLINE = 0x200       # data lives in metadata
+EXTENT_DATA_TAIL = 0x400         # packed with other files' tails
+EXTENT_UNWRITTEN = 0x800         # allocated, reads as zeros
+# A physical address that does not identify the bytes at that offset: such
+# an extent is always taken as changed.
+UNRELIABLE = (EXTENT_UNKNOWN | EXTENT_DELALLOC | EXTENT_ENCODED | EXTENT_DATA_ENCRYPTED
+              | EXTENT_NOT_ALIGNED | EXTENT_DATA_INLINE | EXTENT_DATA_TAIL)
+# LAST, MERGED and SHARED say nothing about the bytes (SHARED flips when the
+# other snapshot goes away) and are ignored; UNWRITTEN is compared.
+
+
+_CLONE_ERRORS = {
+    errno.EOPNOTSUPP: "filesystem does not support reflinks",
+    errno.ENOTTY: "filesystem does not support reflinks",
+    errno.EXDEV: "not on the same filesystem",
+    errno.EINVAL: "the filesystem refused it (a No_COW file, or not a regular file?)",
+}
+
+
+def clone(src_path, dst_path):
+    """Make ``dst_path`` (which must not exist) a read-only reflink copy of
+    ``src_path``, synced to disk.  Nothing is left behind on failure."""
+    try:
+        src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise Fail("%s: %s" % (src_path, e.strerror)) from None
+    try:
+        try:
+            dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+        except OSError as e:
+            raise Fail("%s: %s" % (dst_path, e.strerror)) from None
+        try:
+            fcntl.ioctl(dst, FICLONE, src)
+            os.fsync(dst)
+        except BaseException as e:  # also ^C: never leave a partial snapshot
+            os.close(dst)
+            with contextlib.suppress(OSError):
+                os.unlink(dst_path)
+            if not isinstance(e, OSError):
+                raise
+            why = _CLONE_ERRORS.get(e.errno, e.strerror)
+            raise Fail("cannot reflink %s to %s: %s" % (src_path, dst_path, why)) from None
+        os.close(dst)
+    finally:
+        os.close(src)
+
+
+def extent_map(fd):
+    """The file's extents as sorted ``(logical, physical, length, flags)``,
+    asked for ``BATCH`` at a time, delayed allocation flushed first."""
+    buf = bytearray(FIEMAP.size + BATCH * FIEMAP_EXTENT.size)
+    extents, start = [], 0
+    while True:
+        FIEMAP.pack_into(buf, 0, start, FIEMAP_MAX_OFFSET - start, FIEMAP_FLAG_SYNC, 0, BATCH, 0)
+        try:
+            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
+                raise Fail("filesystem does not report extent maps (FIEMAP)") from None
+            raise Fail("cannot read the extent map: %s" % e.strerror) from None
+        count = FIEMAP.unpack_from(buf)[3]
+        end, last = start, count == 0
+        for i in range(count):
+            logical, physical, length, flags = FIEMAP_EXTENT.unpack_from(
+                buf, FIEMAP.size + i * FIEMAP_EXTENT.size)
+            if logical < start:  # an extent that began before this call's start
+                cut = min(start - logical, length)
+                logical, physical, length = logical + cut, physical + cut, length - cut
+            if length:
+                extents.append((logical, physical, length, flags))
+                end = max(end, logical + length)
+            last = last or flags & EXTENT_LAST
+        if last:
+            break
+        if end <= start:
+            raise Fail("the extent map does not advance past byte %d" % start)
+        start = end
+    extents.sort()
+    return extents
+
+
+_HOLE = "hole"
+
+
+def _segments(extents, limit):
+    """Sorted, non-overlapping ``(start, end, key)`` within [0, limit);
+    equal keys mean equal bytes, key None means "cannot tell"."""
+    out, pos = [], 0
+    for logical, physical, length, flags in sorted(extents):
+        start, end = max(logical, pos), min(logical + length, limit)
+        if start >= end:
+            continue
+        key = None if flags & UNRELIABLE else (physical - logical, bool(flags & EXTENT_UNWRITTEN))
+        out.append((start, end, key))
+        pos = end
+    return out
+
+
+def changed_ranges(old_map, new_map, old_size, new_size):
+    """Sorted, merged ``[(start, end), …]`` byte ranges of the new file
+    that may differ from the old one.  A byte is unchanged only if both
+    files have a hole there, or both map it to the same physical address
+    through reliable extents of the same kind (written or unwritten)."""
+    limit = min(old_size, new_size)
+    old, new = _segments(old_map, limit), _segments(new_map, limit)
+    cuts = sorted({0, limit}.union(*((s, e) for s, e, _k in old), *((s, e) for s, e, _k in new)))
+    ranges, i, j = [], 0, 0
+    for a, b in zip(cuts, cuts[1:]):
+        while i < len(old) and old[i][1] <= a:
+            i += 1
+        while j < len(new) and new[j][1] <= a:
+            j += 1
+        k_old = old[i][2] if i < len(old) and old[i][0] <= a else _HOLE
+        k_new = new[j][2] if j < len(new) and new[j][0] <= a else _HOLE
+        if k_old is not None and k_old == k_new:
+            continue
+        if ranges and ranges[-1][1] == a:
+            ranges[-1] = (ranges[-1][0], b)
+        else:
+            ranges.append((a, b))
+    if new_size > limit:
+        if ranges and ranges[-1][1] == limit:
+            ranges[-1] = (ranges[-1][0], new_size)
+        else:
+            ranges.append((limit, new_size))
+    return ranges
+
+
+def chunks_of(ranges, chunk_size):
+    """Sorted indexes of the chunks that any byte of ``ranges`` falls in."""
+    chunks = []
+    for start, end in sorted(ranges):
+        if end <= start:
+            continue
+        first = start // chunk_size
+        if chunks and chunks[-1] >= first:
+            first = chunks[-1] + 1
+        chunks.extend(range(first, (end - 1) // chunk_size + 1))
+    return chunks
+
+
+def is_nodatacow(fd):
+    """True if the file has the No_COW attribute (``chattr +C``): its
+    blocks may be overwritten in place, so its map cannot be trusted."""
+    buf = bytearray(struct.calcsize("l"))
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            return False  # no attributes at all
+        raise Fail("cannot read file attributes: %s" % e.strerror) from None
+    return bool(struct.unpack_from("i", buf)[0] & FS_NOCOW_FL)

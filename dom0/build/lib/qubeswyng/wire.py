@@ -1,0 +1,117 @@
+"""The strict, bounded decoder of what the agent sends (doc/PROTOCOL.md).
+
+Everything that arrives from the backup VM passes through ``Link.frame``:
+a frame is ``op:u8 | length:u32 | payload``; the caller says which ops it
+accepts and how long the payload may be, and anything else ends the
+connection with a one-line error before the payload is read.  Nothing here
+trusts the content: MACs and chunk ids are checked by the callers
+(``archive.py``) before any of it is used.
+"""
+import fcntl
+import os
+import struct
+
+from .errors import Fail
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">BI")
+HELLO, GET_HEADER, INIT, OPEN, LOCK, UNLOCK, GET_ROOT, PUT_CHUNK, \
+    PUT_MANIFEST, PUT_ROOT, GET_MANIFEST, GET_CHUNKS, BYE, GET_STATS = range(1, 15)
+OK, ERR, DATA, END, NONE = range(0x80, 0x85)
+STATS = struct.Struct(">QQQQ")
+MAX_ERROR = 1000
+PART = 1 << 20  # manifest and root parts, both directions
+F_SETPIPE_SZ = 1031
+
+
+class AgentError(Fail):
+    """The agent reported a failure or broke the protocol."""
+
+
+def printable(raw):
+    """Agent text made safe for a terminal: no escapes, no control bytes."""
+    text = bytes(raw[:MAX_ERROR]).decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+class Link:
+    """Frames over a pair of pipes to an agent, wherever it runs."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.wfd, rfd = transport.stdin_fd, transport.stdout_fd
+        for fd in (self.wfd, rfd):
+            try:
+                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass  # not a pipe, or limited: only slower
+        self.rfile = os.fdopen(rfd, "rb", buffering=1 << 20, closefd=False)
+
+    # -- sending ----------------------------------------------------------
+    def send(self, op, *parts):
+        pending = [HEADER.pack(op, sum(len(p) for p in parts)), *parts]
+        try:
+            while pending:
+                n = os.writev(self.wfd, pending)
+                while pending and n >= len(pending[0]):
+                    n -= len(pending[0])
+                    pending.pop(0)
+                if n:
+                    pending[0] = memoryview(pending[0])[n:]
+        except BrokenPipeError:
+            self.fail_from_agent()
+
+    def send_stream(self, op, prefix, parts):
+        """A multi-frame upload: ``prefix | last:u8 | part`` frames, the
+        prefix in the first only.  Returns the last part."""
+        parts = iter(parts)
+        current = next(parts, b"")
+        for following in parts:
+            self.send(op, prefix, b"\x00", current)
+            prefix, current = b"", following
+        self.send(op, prefix, b"\x01", current)
+        return current
+
+    def send_parts(self, op, prefix, data):
+        view = memoryview(data)
+        return self.send_stream(op, prefix, (view[i:i + PART] for i in range(0, len(view), PART)))
+
+    # -- receiving --------------------------------------------------------
+    def _exact(self, n):
+        data = self.rfile.read(n)
+        if len(data) != n:
+            self.transport.wait_exit()
+            raise AgentError("the agent closed the connection%s" % self.transport.exit_note())
+        return data
+
+    def frame(self, accept, max_len):
+        """Read one frame; return (op, payload).  ERR always raises."""
+        op, length = HEADER.unpack(self._exact(HEADER.size))
+        if op == ERR and length <= MAX_ERROR:
+            raise AgentError("agent: " + printable(self._exact(length)))
+        if op not in accept:
+            raise AgentError("agent sent an unexpected reply (%d)" % op)
+        if length > max_len:
+            raise AgentError("agent sent %d bytes where at most %d are allowed" % (length, max_len))
+        return op, self._exact(length)
+
+    def reply(self, max_len=0):
+        return self.frame((OK,), max_len)[1]
+
+    def parts(self, max_total):
+        """DATA* END, at most ``max_total`` bytes in all."""
+        total = 0
+        while True:
+            op, data = self.frame((DATA, END), min(PART, max_total - total))
+            if op == END:
+                return
+            total += len(data)
+            yield data
+
+    def fail_from_agent(self):
+        """The pipe broke: the agent said why before leaving, or died."""
+        self.frame((), 0)
+
+    def close(self):
+        self.rfile.close()
+        self.transport.close()
