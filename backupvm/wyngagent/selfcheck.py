@@ -39,10 +39,12 @@ def versions():
     from . import aead
     import zstandard
 
+    # pycryptodomex and Debian's python3-pycryptodome are module Cryptodome,
+    # pycryptodome from PyPI is module Crypto
     pycrypto = sys.modules[aead.ChaCha20_Poly1305.__name__.split(".")[0]]
-    pycrypto_name = "pycryptodomex" if pycrypto.__name__ == "Cryptodome" else "pycryptodome"
+    pycrypto_name = "pycryptodome (module %s)" % pycrypto.__name__
     found = ["python %s" % platform.python_version(),
-             "%s %s" % (pycrypto_name, pycrypto.__version__),
+             "%s %s" % (pycrypto.__name__, pycrypto.__version__),
              "zstandard %s" % zstandard.__version__]
     if aead.ChaCha20Poly1305 is not None:
         import cryptography
