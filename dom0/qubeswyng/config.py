@@ -61,8 +61,7 @@ def read(path, options, required=False):
 
 
 def parse(text, options, where="wyng.ini"):
-    ini = configparser.ConfigParser(interpolation=None, default_section="", strict=True,
-                                    empty_lines_in_values=False)
+    ini = configparser.ConfigParser(interpolation=None, default_section="", strict=True)
     ini.optionxform = lambda key: key.strip().lower().replace("_", "-")
     try:
         ini.read_string(text, source=where)
