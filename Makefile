@@ -3,7 +3,8 @@
 #   make rpm     build/qubes-wyng-dom0-V-1.noarch.rpm and build/qubes-wyng-vm-V-1.noarch.rpm
 #   make deb     build/qubes-wyng-vm_V-1_all.deb (the backup-VM half, for Debian templates)
 #   make man     regenerate doc/qvm-wyng.1 from dom0/qubeswyng/cli.py
-#   make test    the whole test suite (make test-quick: without the slow package builds)
+#   make test    the whole test suite (make test-quick: without the slow package builds);
+#                PYTHON=/path/to/venv/bin/python picks the interpreter with pytest
 #   make clean   remove build/
 #
 # Everything is built under build/, from a source tarball of this tree;
