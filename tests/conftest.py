@@ -22,6 +22,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 # the agent's "#!/usr/bin/env python3" must find this interpreter's packages
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
 os.environ["QVM_WYNG_AGENT"] = str(AGENT)
+# never the real /etc/wyng/wyng.ini: tests that want one pass --config
+os.environ["QVM_WYNG_CONFIG"] = os.devnull
 IN_CI = os.environ.get("CI") == "true"
 
 PASS = "correct horse battery staple"

@@ -9,7 +9,7 @@ import struct
 
 try:
     from Cryptodome.Cipher import ChaCha20_Poly1305
-except ImportError:  # Debian's python3-pycryptodome
+except ImportError:  # pycryptodome as PyPI ships it (Debian's ships Cryptodome)
     from Crypto.Cipher import ChaCha20_Poly1305
 
 try:
@@ -34,13 +34,15 @@ def hchacha20(key, nonce16):
                        *[(w[12 + i] - n[i]) & 0xFFFFFFFF for i in range(4)])
 
 
+# older cryptography (Debian 12 has 38) takes only bytes as data, not
+# memoryviews; bytes() of a bytes object is that object, no copy.
 def _fast_seal(key, nonce, aad, plain):
-    return ChaCha20Poly1305(hchacha20(key, nonce[:16])).encrypt(b"\0\0\0\0" + nonce[16:], plain, aad)
+    return ChaCha20Poly1305(hchacha20(key, nonce[:16])).encrypt(b"\0\0\0\0" + nonce[16:], bytes(plain), aad)
 
 
 def _fast_open(key, nonce, aad, sealed):
     try:
-        return ChaCha20Poly1305(hchacha20(key, nonce[:16])).decrypt(b"\0\0\0\0" + nonce[16:], sealed, aad)
+        return ChaCha20Poly1305(hchacha20(key, nonce[:16])).decrypt(b"\0\0\0\0" + nonce[16:], bytes(sealed), aad)
     except InvalidTag:
         return None
 

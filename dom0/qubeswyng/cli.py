@@ -9,7 +9,7 @@ import argparse
 import sys
 import traceback
 
-from . import __version__
+from . import __version__, config
 from .commands import arch_init, list as list_cmd, receive, send
 from .errors import Fail
 
@@ -68,8 +68,9 @@ OPTIONS = {
     "verbose": ("-v", dict(action="count", default=0, help="more detail")),
     "quiet": ("-q", dict(action="store_true", help="only errors")),
     "debug": (None, dict(action="store_true", help="show a traceback on errors")),
+    "config": (None, dict(metavar="PATH", help="read option defaults from PATH instead of %s" % config.DEFAULT_PATH)),
 }
-COMMON = ["unattended", "meta-dir", "force", "force-allow-rollback", "verbose", "quiet", "debug"]
+COMMON = ["unattended", "meta-dir", "force", "force-allow-rollback", "verbose", "quiet", "debug", "config"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -103,6 +104,8 @@ def parse(args):
         if arg in COMMANDS and ("-h" in args[i:] or "--help" in args[i:]):
             parser(arg).parse_args(["--help"])
     opts = parser().parse_intermixed_args(args)
+    path, required = config.path_to_read(opts.config)
+    config.apply(opts, config.read(path, OPTIONS, required), config.given_options(parser(), args))
     if not -1 <= opts.authmin <= 60:
         raise Fail("--authmin must be -1 to 60")
     opts.auth_dir = AUTH_DIR
