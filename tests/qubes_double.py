@@ -142,6 +142,10 @@ class FilePool:
     def size(self, vid):
         return self.path(vid).stat().st_size
 
+    def resize(self, vid, size):
+        with open(self.path(vid), "r+b") as f:
+            f.truncate(size)
+
     def replace(self, vid, stream, size):
         temp = self.path(vid).with_suffix(".import")
         try:
@@ -179,6 +183,10 @@ class LvmPool:
     def size(self, vid):
         with open(self.path(vid), "rb") as f:
             return f.seek(0, 2)
+
+    def resize(self, vid, size):
+        if _round(size) != self.size(vid):
+            subprocess.run(["lvresize", "-q", "-f", "-L", "%db" % _round(size), vid], check=True, capture_output=True)
 
     def replace(self, vid, stream, size):
         """Into a new thin volume, swapped in only when the data was whole."""
@@ -238,8 +246,7 @@ class Volume:
     def resize(self, size, allow_shrink=False):
         if size < self.size and not allow_shrink:
             raise DoubleError("shrinking is not allowed")
-        with open(self.path, "r+b") as f:
-            f.truncate(size)
+        self._pool.resize(self.vid, size)
 
     def import_data(self, stream):
         return self.import_data_with_size(stream, self.size)
