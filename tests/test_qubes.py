@@ -494,3 +494,12 @@ def test_qube_on_a_btrfs_reflink_pool_round_trips(tmp_path, btrfs_mount, system)
     assert not (btrfs_mount / "qubes" / "appvms" / "on-btrfs" / "root.img").exists()
     dom0.run("restore", "on-btrfs", "--pool=btrfs")
     assert state(system.domains["on-btrfs"]) == saved
+
+
+def test_volume_without_the_records_session_is_refused(dom0, system, tmp_path):
+    dom0.run("backup", "work")
+    dom0.run("receive", "qubes/work/settings", "--save-to=%s" % (tmp_path / "work.json"))
+    _send_as(dom0, tmp_path, "qubes/work/settings", (tmp_path / "work.json").read_bytes())
+    newest = dom0.sessions("qubes/work/settings")[-1]
+    _refused(dom0, system, "work: volume private has no session %s in the archive" % newest)
+    dom0.run("restore", "work", "--rename-to=work2", "--settings-only")  # the settings alone are whole

@@ -210,8 +210,8 @@ def import_volume(vm, name, size, produce):
     data in increasing offset order; gaps are zeros.  If ``produce`` fails
     the stream ends short, and qubesd aborts the import ("not enough data"):
     the volume keeps its old contents."""
-    volume = vm.volumes[name] if name in vm.volumes else None
-    if volume is None or not volume.save_on_stop:
+    target = vm.volumes[name] if name in vm.volumes else None
+    if target is None or not target.save_on_stop:
         raise Fail("%s has no volume %s that keeps data to restore into" % (vm.name, name))
     rfd, wfd = os.pipe()
     failed, zero = [], bytes(1 << 20)
@@ -234,7 +234,7 @@ def import_volume(vm, name, size, produce):
     error = None
     with open(rfd, "rb") as stream:
         try:
-            volume.import_data_with_size(stream, size)
+            target.import_data_with_size(stream, size)
         except Exception as e:
             error = e
     thread.join()
