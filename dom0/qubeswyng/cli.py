@@ -46,6 +46,8 @@ COMMANDS = {
 OPTIONS = {
     "dest": (None, dict(metavar="URL", help="archive location: file:/path or qubes://VM/path")),
     "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG", help="the session to use (newest if not given)")),
+    "all": ("-a", dict(action="store_true", help="backup: every qube with include_in_backups; "
+                                                "restore: every qube in the archive")),
     "session-strict": (None, dict(choices=("on", "off"), default="on",
                                   help="off: take the next older session when --session does not match")),
     "save-to": (None, dict(metavar="PATH", help="receive into this file or block device")),
@@ -67,8 +69,6 @@ OPTIONS = {
     "unattended": ("-u", dict(action="store_true", help="never prompt")),
     "meta-dir": (None, dict(default=META_DIR, metavar="PATH", help="dom0 metadata folder (%s)" % META_DIR)),
     "json": (None, dict(action="store_true", help="machine-readable output")),
-    "all": ("-a", dict(action="store_true", help="backup: every qube with include_in_backups; "
-                                                "restore: every qube in the archive")),
     "exclude": (None, dict(action="append", default=[], metavar="VMNAME", help="leave this qube out of --all")),
     "qubes": (None, dict(action="store_true", help="list: one line per qube (last backup, sessions, size)")),
     "rename-to": (None, dict(metavar="NEWNAME", help="restore the one qube named under this name")),
