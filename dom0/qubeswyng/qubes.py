@@ -161,6 +161,7 @@ def create(app, rec, name, pool):
     as being restored until ``finish``."""
     extra = {"template": rec["template"]} if rec["template"] else {}
     vm = _call("cannot create %s" % name, app.add_new_vm, rec["class"], name, rec["label"], pool=pool, **extra)
+    app.domains.clear_cache()  # later references to it look it up by name
     vm.tags.add(RESTORING)
     return vm
 
