@@ -10,7 +10,7 @@ import sys
 import traceback
 
 from . import __version__, config
-from .commands import arch_init, list as list_cmd, receive, send
+from .commands import arch_init, backup, list as list_cmd, receive, restore, send
 from .errors import Fail
 
 META_DIR = "/var/lib/qubes-wyng"
@@ -30,10 +30,15 @@ COMMANDS = {
              ["dest", "import-other-from", "tag", "send-unchanged", "json", "passcmd", "authmin"]),
     "receive": (receive.run, "VOLUME", "restore a volume's session",
                 ["dest", "save-to", "session", "session-strict", "passcmd", "authmin"]),
-    "verify": (receive.run_verify, "VOLUME", "check that a volume's session restores intact",
+    "verify": (receive.run_verify, "VOLUME|VMNAME ...", "check that volumes' (or qubes') sessions restore intact",
                ["dest", "session", "session-strict", "passcmd", "authmin"]),
     "list": (list_cmd.run, "[VOLUME ...]", "list the volumes, or the sessions of volumes",
-             ["dest", "json", "passcmd", "authmin"]),
+             ["dest", "json", "qubes", "passcmd", "authmin"]),
+    "backup": (backup.run, "[VMNAME ...|--all]", "back up qubes, their volumes and settings, as one new session",
+               ["dest", "all", "exclude", "tag", "json", "passcmd", "authmin"]),
+    "restore": (restore.run, "[VMNAME ...|--all]", "restore qubes from their backup, creating missing ones",
+                ["dest", "all", "exclude", "session", "rename-to", "pool", "settings-only", "data-only",
+                 "passcmd", "authmin"]),
     "version": (version, "", "print the version", []),
 }
 
@@ -41,6 +46,8 @@ COMMANDS = {
 OPTIONS = {
     "dest": (None, dict(metavar="URL", help="archive location: file:/path or qubes://VM/path")),
     "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG", help="the session to use (newest if not given)")),
+    "all": ("-a", dict(action="store_true", help="backup: every qube with include_in_backups; "
+                                                "restore: every qube in the archive")),
     "session-strict": (None, dict(choices=("on", "off"), default="on",
                                   help="off: take the next older session when --session does not match")),
     "save-to": (None, dict(metavar="PATH", help="receive into this file or block device")),
@@ -62,7 +69,14 @@ OPTIONS = {
     "unattended": ("-u", dict(action="store_true", help="never prompt")),
     "meta-dir": (None, dict(default=META_DIR, metavar="PATH", help="dom0 metadata folder (%s)" % META_DIR)),
     "json": (None, dict(action="store_true", help="machine-readable output")),
-    "force": (None, dict(action="store_true", help="take over an archive lock held by another writer")),
+    "exclude": (None, dict(action="append", default=[], metavar="VMNAME", help="leave this qube out of --all")),
+    "qubes": (None, dict(action="store_true", help="list: one line per qube (last backup, sessions, size)")),
+    "rename-to": (None, dict(metavar="NEWNAME", help="restore the one qube named under this name")),
+    "pool": (None, dict(metavar="POOL", help="restore: create missing qubes' volumes in this pool")),
+    "settings-only": (None, dict(action="store_true", help="restore: settings, not volume data")),
+    "data-only": (None, dict(action="store_true", help="restore: volume data into existing qubes, not settings")),
+    "force": (None, dict(action="store_true", help="take over an archive lock held by another writer; "
+                                                   "restore: overwrite existing (halted) qubes")),
     "force-allow-rollback": (None, dict(action="store_true",
                                         help="accept an archive older than the one seen last")),
     "verbose": ("-v", dict(action="count", default=0, help="more detail")),

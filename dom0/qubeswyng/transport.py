@@ -13,6 +13,7 @@ import sys
 from urllib.parse import urlsplit
 
 from .errors import Fail
+from .settings import qube_name
 
 AGENT_PATHS = ("/etc/qubes-rpc/wyng.Agent", "/usr/lib/qubes-wyng/wyng.Agent")
 
@@ -79,8 +80,15 @@ def parse_dest(dest):
     if url.scheme == "qubes":
         if not url.netloc or not url.path.startswith("/"):
             raise Fail("--dest=qubes: takes the form qubes://VM/absolute/path")
-        return "qubes", url.netloc, os.path.normpath(url.path)
-    if url.scheme in ("ssh", "qubes-ssh", "s3"):
+        return "qubes", qube_name(url.netloc), os.path.normpath(url.path)
+    if url.scheme == "qubes-ssh":
+        vm, _, remote = url.netloc.partition(":")
+        user, _, host = remote.rpartition("@")
+        if not (vm and user and host) or not url.path.startswith("/"):
+            raise Fail("--dest=qubes-ssh: takes the form qubes-ssh://VM:user@host[:port]/path")
+        raise Fail("--dest=qubes-ssh: ssh storage through qube %s is not supported yet; "
+                   "qubes://VM/path stores in the qube itself" % qube_name(vm))
+    if url.scheme in ("ssh", "s3"):
         raise Fail("--dest=%s: is not supported yet" % url.scheme)
     raise Fail("--dest: unknown destination type %r (use file:/path or qubes://VM/path)" % dest.split(":")[0])
 

@@ -4,6 +4,7 @@ import time
 
 from ..archive import Archive
 from ..progress import size
+from ..settings import SETTINGS, qubes_in
 
 
 def session_info(ses):
@@ -18,6 +19,8 @@ def run(opts, app):
         vols = [archive.require_volume(n) for n in opts.volumes] if opts.volumes else root["volumes"]
     finally:
         archive.close()
+    if opts.qubes:
+        return list_qubes(opts, root)
     if opts.json:
         print(json.dumps({"archive": root["archive"], "updated": root["time"], "volumes": [
             {"name": v["name"], "sessions": [session_info(s) for s in v["sessions"]]} for v in vols]},
@@ -37,4 +40,24 @@ def run(opts, app):
         for s in v["sessions"]:
             tags = " ".join("^" + t for t in sorted(s.get("tags", {})))
             print("  %s  %10s  %7d changed  %s" % (s["name"], size(s["size"]), s.get("changed", 0), tags))
+    return 0
+
+
+def list_qubes(opts, root):
+    """Per qube: its last backup (the newest settings session), how many
+    backups, and the size of its volumes then."""
+    rows = []
+    for qube, vols in sorted(qubes_in(root).items()):
+        sessions = vols.get(SETTINGS, {"sessions": []})["sessions"]
+        last = sessions[-1]["name"] if sessions else None
+        sizes = [s["size"] for n, v in vols.items() if n != SETTINGS for s in v["sessions"] if s["name"] == last]
+        rows.append({"qube": qube, "last_backup": last, "time": sessions[-1]["time"] if sessions else None,
+                     "backups": len(sessions), "size": sum(sizes), "volumes": sorted(set(vols) - {SETTINGS})})
+    if opts.json:
+        print(json.dumps({"archive": root["archive"], "qubes": rows}, indent=1))
+        return 0
+    for r in rows:
+        print("%-32s %4d backups  %s" % (r["qube"], r["backups"], "last %s, %s (%s)" % (
+            r["last_backup"], size(r["size"]), " ".join(r["volumes"]) or "settings only")
+            if r["last_backup"] else "no backups"))
     return 0

@@ -14,6 +14,7 @@ from ..archive import Archive
 from ..errors import Fail
 from ..manifest import ZERO
 from ..progress import Progress, size
+from ..settings import resolve
 from . import pick_session
 
 
@@ -118,12 +119,16 @@ def run(opts, app):
 
 
 def run_verify(opts, app):
-    archive, vol, ses, chunk_map = _load(opts, app)
+    archive = Archive(opts, app).open()
     try:
-        fetched = restore(archive, chunk_map, ses["size"], lambda _o, _d: None, opts, vol["name"],
-                          zeros_needed=False)
+        for name in resolve(archive, opts.volumes):  # a qube name: all its volumes
+            vol = archive.require_volume(name)
+            index = pick_session(opts, vol)
+            ses = vol["sessions"][index]
+            fetched = restore(archive, archive.chunk_map(vol, index), ses["size"], lambda _o, _d: None, opts,
+                              name, zeros_needed=False)
+            if not opts.quiet:
+                print("%s: session %s verified (%s, %d chunks)" % (name, ses["name"], size(ses["size"]), fetched))
     finally:
         archive.close()
-    if not opts.quiet:
-        print("%s: session %s verified (%s, %d chunks)" % (vol["name"], ses["name"], size(ses["size"]), fetched))
     return 0

@@ -110,8 +110,8 @@ def send_volume(archive, name, source, session, tags, opts):
     return st, (vol, ses, chunk_map)
 
 
-def run(opts, app):
-    targets = sources(opts)
+def run(opts, app, targets=None):
+    targets = sources(opts) if targets is None else targets  # backup passes qubes' sources
     tags = parse_tags(opts.tag)
     archive = Archive(opts, app).open(write=True)
     try:

@@ -1,0 +1,115 @@
+"""restore: qubes by name from their settings record and volumes (doc/qubes.md).
+
+Everything from the archive is authenticated and checked before the system
+changes: each settings record (size bounded, then the strict schema), every
+manifest chain, that existing qubes may be overwritten, that templates are
+there.  Then: create missing qubes and apply their settings, templates
+first; properties naming other qubes last, once all exist; stream each volume's verified chunks
+into Volume.import_data_with_size.
+"""
+from .. import qubes, settings
+from ..archive import Archive
+from ..errors import Fail
+from ..progress import size
+from . import pick_session
+from .receive import restore
+
+
+class Plan:
+    def __init__(self, qube, target, rec, session, data):
+        self.qube, self.target, self.rec, self.session, self.data = qube, target, rec, session, data
+        self.vm, self.created = None, False
+
+
+def chosen(opts, archive):
+    """{qube: its archive volumes} of the qubes to restore."""
+    have = {q: v for q, v in settings.qubes_in(archive.root).items() if settings.SETTINGS in v}
+    if bool(opts.volumes) == bool(opts.all):
+        raise Fail("restore: name the qubes or give --all (not both)")
+    names = sorted(have) if opts.all else [settings.qube_name(n) for n in opts.volumes]
+    for name in names:
+        if name not in have:
+            raise Fail("there is no backup of qube %s in the archive" % name)
+    names = [n for n in dict.fromkeys(names) if n not in opts.exclude]
+    if opts.rename_to and len(names) != 1:
+        raise Fail("--rename-to restores one qube")
+    return {n: have[n] for n in names}
+
+
+def load(opts, archive, qube, vols):
+    """The checked record of ``qube`` at the session asked for, and the
+    verified chunk maps of its volumes at that same session."""
+    svol = vols[settings.SETTINGS]
+    index = pick_session(opts, svol)
+    ses = svol["sessions"][index]
+    if ses["size"] > settings.MAX_SIZE:
+        raise Fail("the settings record of %s is refused: %d bytes, more than %d" % (
+            qube, ses["size"], settings.MAX_SIZE))
+    buf = bytearray(ses["size"])
+
+    def put(offset, data):
+        buf[offset:offset + len(data)] = data
+    restore(archive, archive.chunk_map(svol, index), ses["size"], put, opts, svol["name"], zeros_needed=False)
+    rec = settings.parse(buf, qube)
+    data = []
+    for name in [] if opts.settings_only else rec["volumes"]:
+        vol = vols.get(name, {"sessions": []})
+        found = [i for i, s in enumerate(vol["sessions"]) if s["name"] == ses["name"]]
+        if not found:
+            raise Fail("%s: volume %s has no session %s in the archive" % (qube, name, ses["name"]))
+        data.append((name, vol["sessions"][found[0]]["size"], archive.chunk_map(vol, found[0]), vol["name"]))
+    return Plan(qube, opts.rename_to or qube, rec, ses["name"], data)
+
+
+def check(opts, app, plans):
+    """Refuse before anything changes; returns the plans, templates first."""
+    by_name = {p.qube: p for p in plans}
+    for p in plans:
+        found = qubes.state(app, settings.qube_name(p.target))
+        if found is None and opts.data_only:
+            raise Fail("--data-only: there is no qube %s to restore into" % p.target)
+        if found and not opts.force:
+            raise Fail("qube %s exists: --force restores over it (it must be halted)" % p.target)
+        if found and found[0] != p.rec["class"]:
+            raise Fail("qube %s is a %s, its backup a %s" % (p.target, found[0], p.rec["class"]))
+        if found and not found[1]:
+            raise Fail("qube %s is running: shut it down to restore over it" % p.target)
+        template = p.rec["template"]
+        if template and template not in by_name and qubes.state(app, template) is None:
+            raise Fail("qube %s needs its template %s, which is neither on this system nor restored "
+                       "(restore it too, or first)" % (p.qube, template))
+
+    def depth(p, n=0):
+        parent = by_name.get(p.rec["template"])
+        if parent is None or n > len(plans):
+            return n
+        return depth(parent, n + 1)
+    return sorted(plans, key=lambda p: (depth(p), p.qube))
+
+
+def run(opts, app):
+    if opts.settings_only and opts.data_only:
+        raise Fail("--settings-only and --data-only exclude each other")
+    app = qubes.connect(app)
+    archive = Archive(opts, app).open()
+    try:
+        plans = check(opts, app, [load(opts, archive, q, v) for q, v in chosen(opts, archive).items()])
+        rename = {p.qube: p.target for p in plans}
+        for p in plans:  # a disposable's template needs template_for_dispvms before it is created
+            p.created = qubes.state(app, p.target) is None
+            p.vm = qubes.create(app, p.rec, p.target, opts.pool) if p.created else qubes.get(app, p.target)
+            if not opts.data_only:
+                qubes.apply_settings(app, p.vm, p.rec, False, rename, opts)
+        for p in [] if opts.data_only else plans:
+            qubes.apply_settings(app, p.vm, p.rec, True, rename, opts)
+        for p in plans:
+            for name, total, chunk_map, label in p.data:
+                qubes.import_volume(p.vm, name, total, lambda write: restore(
+                    archive, chunk_map, total, write, opts, label, zeros_needed=False))
+            qubes.finish([p.vm] if p.created else [])
+            if not opts.quiet:
+                print("%s: %s from session %s%s" % (p.target, "created" if p.created else "restored", p.session,
+                      "".join(", %s %s" % (n, size(t)) for n, t, _m, _l in p.data)))
+    finally:
+        archive.close()
+    return 0

@@ -1,0 +1,245 @@
+"""The only module that uses qubesadmin (its surface: ../shared/qubes-api.md).
+
+Commands get qubes, their volumes and settings through these functions and
+hand the VM objects back to them untouched, so that ``app`` may be
+``qubesadmin.Qubes()`` or a test double of it.  Errors that qubesadmin
+raises become one-line ``Fail``s here.
+"""
+import collections
+import os
+import subprocess
+import threading
+
+from .errors import Fail
+from .progress import notice
+from .settings import NEVER_COPY, SETTINGS, VERSION, VM_REFS, check, encode, qube_name, volume
+from .sources.image import ImageSource
+
+RESTORING = "backup-restore-in-progress"  # qvm-backup-restore's tag for a half-restored qube
+# what Firewall.save_rules reads of each rule: its API text, ``Rule.rule``
+Rule = collections.namedtuple("Rule", "rule")
+
+
+def connect(app=None):
+    if app is not None:
+        return app
+    try:
+        import qubesadmin
+    except ImportError:
+        raise Fail("qubesadmin is not installed: qube backups and qubes:// destinations work in dom0") from None
+    return qubesadmin.Qubes()
+
+
+def _call(what, func, *args, **kwargs):
+    try:
+        return func(*args, **kwargs)
+    except Fail:
+        raise
+    except Exception as e:  # qubesadmin.exc.*, whatever qubesd refused
+        raise Fail("%s: %s" % (what, e or type(e).__name__)) from e
+
+
+def get(app, name):
+    if qube_name(name) not in app.domains:
+        raise Fail("no qube named %s" % name)
+    return app.domains[name]
+
+
+def state(app, name):
+    """None if there is no qube ``name``, else (its class, whether it is halted)."""
+    if name not in app.domains:
+        return None
+    vm = app.domains[name]
+    return vm.klass, vm.is_halted()
+
+
+def run_agent(app, name):
+    """The wyng.Agent service in backup qube ``name`` (started if needed) as
+    a Popen with stdin and stdout pipes.  dom0's calls need no policy."""
+    vm = get(connect(app), name)
+    if vm.klass == "AdminVM":
+        raise Fail("dom0 is not a backup qube: use --dest=file:/path for an archive in dom0")
+    return _call("cannot start wyng.Agent in %s" % name, vm.run_service, "wyng.Agent",
+                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def select(app, names, all_, exclude):
+    """qvm-backup's choice: the named qubes, or with --all every qube whose
+    include_in_backups is true; never dom0; less --exclude."""
+    if bool(names) == bool(all_):
+        raise Fail("name the qubes or give --all (not both)")
+    for name in exclude:
+        get(app, name)
+    vms = [vm for vm in app.domains if vm.klass != "AdminVM" and vm.include_in_backups] if all_ \
+        else [get(app, name) for name in names]
+    vms = sorted({vm.name: vm for vm in vms if vm.name not in exclude}.items())
+    if any(vm.klass == "AdminVM" for _n, vm in vms):
+        raise Fail("dom0 is not a qube qvm-wyng backs up")
+    if not vms:
+        raise Fail("no qubes to back up")
+    return [vm for _n, vm in vms]
+
+
+def volume_source(app, vm, name):
+    """THE SOURCE SEAM: how dom0 reads the committed data of ``vm``'s volume
+    ``name``.  Today a full read (ImageSource) of the pool driver's path for
+    it; the copy-on-write sources replace the ImageSource here."""
+    vol = vm.volumes[name]
+    config = app.pools[vol.pool].config
+    driver = config.get("driver")
+    if driver == "lvm_thin":  # thin_pool: config["thin_pool"]
+        path = "/dev/%s/vm-%s-%s" % (config["volume_group"], vm.name, name)
+    elif driver == "file-reflink":
+        path = os.path.join(config["dir_path"], vol.vid + ".img")
+    else:
+        raise Fail("%s: volume %s is in pool %s, whose driver %s qvm-wyng cannot read" % (
+            vm.name, name, vol.pool, driver))
+    return ImageSource(path)
+
+
+class RecordSource:
+    """A settings record as a source: its bytes in chunks."""
+
+    def __init__(self, data):
+        self.data, self.size = memoryview(data), len(data)
+
+    def chunks(self, chunk_size):
+        for index, start in enumerate(range(0, self.size, chunk_size)):
+            yield index, self.data[start:start + chunk_size]
+
+    def close(self):
+        pass
+
+
+def sources(app, vm, opts):
+    """(archive volume name, source) for everything a backup of ``vm`` sends:
+    its save_on_stop volumes (what qvm-backup saves), then its settings."""
+    wanted = sorted(n for n, v in vm.volumes.items() if v.save_on_stop)
+    if wanted and vm.is_running():
+        notice(opts, "%s is running: its volumes are backed up as of its last start" % vm.name)
+    opened = []
+    try:
+        for name in wanted:
+            opened.append((volume(vm.name, name), volume_source(app, vm, name)))
+        opened.append((volume(vm.name, SETTINGS), RecordSource(encode(read_settings(vm, wanted)))))
+    except BaseException:
+        for _n, src in opened:
+            src.close()
+        raise
+    return opened
+
+
+def read_settings(vm, volumes):
+    props = {}
+    for prop in vm.property_list():
+        try:
+            if prop in NEVER_COPY or vm.property_is_default(prop):
+                continue
+            value = getattr(vm, prop)
+        except AttributeError:
+            continue  # no value and no default
+        props[prop] = value if value is None or type(value) in (bool, int, str) else str(value)
+    templated = vm.klass in ("AppVM", "DispVM")
+    return check({
+        "version": VERSION, "name": vm.name, "class": vm.klass, "label": str(vm.label),
+        "template": str(vm.template) if templated else None, "properties": props,
+        "features": dict(vm.features.items()), "tags": sorted(t for t in vm.tags if not t.startswith("created-by-")),
+        "firewall": [rule.rule for rule in vm.firewall.rules], "notes": vm.get_notes(), "volumes": volumes,
+    }, vm.name)
+
+
+def stamp(vms, when):
+    """Qubes Manager's "Last backup" column."""
+    for vm in vms:
+        _call("%s: backup_timestamp" % vm.name, setattr, vm, "backup_timestamp", when)
+
+
+# -- restoring ------------------------------------------------------------------
+
+def create(app, rec, name, pool):
+    """A new qube ``name`` with the record's class, label and template, tagged
+    as being restored until ``finish``."""
+    extra = {"template": rec["template"]} if rec["template"] else {}
+    vm = _call("cannot create %s" % name, app.add_new_vm, rec["class"], name, rec["label"], pool=pool, **extra)
+    app.domains.clear_cache()  # later references to it look it up by name
+    vm.tags.add(RESTORING)
+    return vm
+
+
+def finish(vms):
+    for vm in vms:
+        vm.tags.discard(RESTORING)
+
+
+def apply_settings(app, vm, rec, refs, rename, opts):
+    """The record's settings onto ``vm``: with ``refs`` false everything but
+    the properties naming other qubes, with ``refs`` true only those (all
+    qubes of the restore exist by then).  Features, tags and properties the
+    qube has and the record does not are left as they are."""
+    def put(key, value):
+        _call("%s: cannot set %s" % (vm.name, key), setattr, vm, key, value)
+    known = set(vm.property_list())
+    for key in ("label", "template") if not refs else ():
+        if rec[key] is not None and str(getattr(vm, key)) != rec[key]:
+            put(key, rec[key])  # an existing qube restored over
+    for key, value in sorted(rec["properties"].items()):
+        if (key in VM_REFS) != refs:
+            continue
+        if key not in known:
+            notice(opts, "%s: property %s is not restored: this Qubes has no such property" % (vm.name, key))
+            continue
+        if refs and value is not None:
+            value = rename.get(value, value)
+            if value not in app.domains:
+                notice(opts, "%s: %s is left at its default: there is no qube %s" % (vm.name, key, value))
+                continue
+        put(key, value)
+    if refs:
+        return
+    for key, value in rec["features"].items():
+        _call("%s: feature %s" % (vm.name, key), vm.features.__setitem__, key, value)
+    for tag in rec["tags"]:
+        _call("%s: tag %s" % (vm.name, tag), vm.tags.add, tag)
+    _call("%s: firewall" % vm.name, vm.firewall.save_rules, [Rule(r) for r in rec["firewall"]])
+    _call("%s: notes" % vm.name, vm.set_notes, rec["notes"])
+
+
+def import_volume(vm, name, size, produce):
+    """Replace ``vm``'s volume ``name`` with ``size`` bytes through
+    Volume.import_data_with_size, which reads a pipe.  A thread runs
+    ``produce(write)``, which calls ``write(offset, data)`` with verified
+    data in increasing offset order; gaps are zeros.  If ``produce`` fails
+    the stream ends short, and qubesd aborts the import ("not enough data"):
+    the volume keeps its old contents."""
+    target = vm.volumes[name] if name in vm.volumes else None
+    if target is None or not target.save_on_stop:
+        raise Fail("%s has no volume %s that keeps data to restore into" % (vm.name, name))
+    rfd, wfd = os.pipe()
+    failed, zero = [], bytes(1 << 20)
+
+    def feed():
+        try:
+            with open(wfd, "wb") as out:
+                pos = [0]
+
+                def write(offset, data):
+                    while pos[0] < offset:
+                        pos[0] += out.write(zero[:min(len(zero), offset - pos[0])])
+                    pos[0] += out.write(data)
+                produce(write)
+                write(size, b"")
+        except BaseException as e:
+            failed.append(e)
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    error = None
+    with open(rfd, "rb") as stream:
+        try:
+            target.import_data_with_size(stream, size)
+        except Exception as e:
+            error = e
+    thread.join()
+    if failed and not isinstance(failed[0], BrokenPipeError):
+        raise failed[0]
+    if error or failed:
+        raise Fail("%s: volume %s was not restored: %s" % (vm.name, name, error or "the import stopped reading"))
