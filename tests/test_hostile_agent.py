@@ -125,7 +125,7 @@ def test_manifest_reader_fuzz():
     from qubeswyng.errors import Fail
     rng = random.Random(8)
     k = keys.Keys(bytes(32), bytes(16))
-    head = manifest.Head(CHUNK, bytes(16), bytes(16), "20260101-000000", 1, 50 * CHUNK, 20, bytes(32))
+    head = manifest.Head(CHUNK, bytes(16), bytes(16), "20260101-000000", 1, 50 * CHUNK, 20, "20251231-000000")
     entries = [(i * 2, rng.randbytes(32)) for i in range(20)]
     good = b"".join(manifest.encode(k, head, iter(entries)))
     expect_mac = good[-32:]
