@@ -71,8 +71,8 @@ class Wyng:
     def init(self, *args):
         return self.run("arch-init", *args)
 
-    def send(self, name, path, *args):
-        return self.run("send", "--import-other-from=%s:|:%s" % (name, path), *args)
+    def send(self, name, path, *args, expect=0):
+        return self.run("send", "--import-other-from=%s:|:%s" % (name, path), *args, expect=expect)
 
     def receive(self, name, path, *args, expect=0):
         return self.run("receive", name, "--save-to=%s" % path, *args, expect=expect)
