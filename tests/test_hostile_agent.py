@@ -65,6 +65,19 @@ def test_replayed_chunk_is_refused(archive, tmp_path, position):
     assert not out.exists()
 
 
+# frames of arch-check on the one-session archive: 4 LOCK, 5-6 root, 7-8 the
+# manifest, 9.. the scan report
+@pytest.mark.parametrize("mode,position", [
+    # LOCK's reply is a hint (garbage due, who held the lock): shrinking it is harmless
+    (m, p) for m in MODES for p in (4, 9, 10) if not (m == "shrink" and p == 4)])
+def test_lying_agent_during_arch_check(archive, tmp_path, mode, position):
+    done = _lied_to(archive, tmp_path, "%s:%d" % (mode, position), "arch-check")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "\x1b" not in done.stderr + done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qvm-wyng: error: "), done.stderr
+
+
 def test_lies_during_send_leave_the_archive_as_it_was(archive, tmp_path):
     before = archive.sessions("vol")
     for lie in ("truncate:5", "garbage:4", "oversize:6", "errflood:7", "shrink:5", "unknown:8"):
