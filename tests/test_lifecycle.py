@@ -271,3 +271,26 @@ def test_full_destination_during_prune(wyng, tmp_path, tmpfs):
     assert wyng.run("arch-check").returncode == 0
     wyng.run("verify", "vol")
     shutil.rmtree(wyng.archive)
+
+
+def test_send_autoprune_on_prunes_only_when_space_is_short(wyng, tmp_path, tmpfs):
+    mnt = tmpfs("8m")
+    wyng.archive = mnt / "archive"
+    wyng.dest = "file:%s" % wyng.archive
+    image = tmp_path / "img"
+    wyng.init()
+    day = 86400
+    for n in range(3):
+        image.write_bytes(os.urandom(MiB))
+        wyng.at(1767225600 + n * day, "send", "--import-other-from=vol:|:%s" % image)
+    image.write_bytes(os.urandom(MiB))
+    args = ("send", "--import-other-from=vol:|:%s" % image, "--autoprune=on", "--apdays=1:62:1:2")
+    wyng.at(1767225600 + 10 * day, *args)  # space enough: nothing pruned
+    assert len(wyng.sessions("vol")) == 4
+    filler = _fill(mnt, MiB // 8)
+    image.write_bytes(os.urandom(MiB // 4))
+    done = wyng.at(1767225600 + 11 * day, *args)
+    assert "autoprune removed 3 sessions" in done.stderr
+    assert len(wyng.sessions("vol")) == 2
+    filler.unlink()
+    assert wyng.run("arch-check").returncode == 0

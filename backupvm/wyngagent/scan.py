@@ -43,7 +43,7 @@ class Scan:
         with tempfile.TemporaryDirectory(prefix="wyng-scan-") as tmp:
             counts = self._distribute(tmp)
             # a manifest that cannot be read may use any chunk: delete none then
-            self.may_delete = self.mode & CLEAN and not self.bad
+            self.may_delete = self.mode & CLEAN and self.mode & WHOLE and not self.bad
             for b in range(256):
                 self._bucket(os.path.join(tmp, "%02x" % b), b, counts[b])
                 self.archive.renew_lock()

@@ -19,6 +19,7 @@ from .progress import notice
 from .transport import start
 
 LOCK_TTL = 120
+MAX_SCAN = 200000  # manifests in one SCAN request (4 MiB frames)
 FETCH_BATCH = 256
 # SCAN modes and record kinds (doc/PROTOCOL.md)
 SCAN_OBJECTS, SCAN_WHOLE, SCAN_CLEAN, SCAN_SIZES = 1, 2, 4, 8
@@ -249,6 +250,8 @@ class Archive:
         list (doc/PROTOCOL.md, SCAN).  Returns its records, bounded and
         range-checked: figures to report, never to decide on."""
         groups = groups or [0] * len(items)
+        if len(items) > MAX_SCAN:
+            raise Fail("the archive has more than %d sessions: prune some first" % MAX_SCAN)
         self.link.send(wire.SCAN, struct.pack(">BI", mode, len(items)), *(
             bytes.fromhex(v["sessions"][i]["manifest"]) + struct.pack(">I", g) for (v, i), g in zip(items, groups)))
         records, limit = [], 3 * len(items) + max(groups, default=0) + 16

@@ -148,6 +148,7 @@ def _merge(archive, vol, run, i, parent):
 def run(opts, app):
     if not opts.session and opts.autoprune in (None, "off"):
         raise Fail("prune needs --session=SESSION[,SESSION] or --autoprune=on|min|full")
+    parse_apdays(opts.apdays)
     archive = Archive(opts, app).open(write=True)
     try:
         removals = plan(opts, chosen_volumes(opts, archive), opts.autoprune)

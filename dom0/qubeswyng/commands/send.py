@@ -117,6 +117,7 @@ def send_volume(archive, name, source, session, tags, opts):
 def run(opts, app):
     targets = sources(opts)
     tags = parse_tags(opts.tag)
+    prune.parse_apdays(opts.apdays)
     archive = Archive(opts, app).open(write=True)
     try:
         if opts.autoprune not in (None, "off"):
