@@ -294,3 +294,36 @@ def test_send_autoprune_on_prunes_only_when_space_is_short(wyng, tmp_path, tmpfs
     assert len(wyng.sessions("vol")) == 2
     filler.unlink()
     assert wyng.run("arch-check").returncode == 0
+
+
+def _on_a_terminal(wyng, args, answer):
+    """Run qvm-wyng with a terminal as stdin, answer its question; returns
+    (exit code, what it printed)."""
+    import pty
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "qubeswyng.cli"] + wyng.args(args))
+    out = b""
+    while b"[y/N]" not in out:
+        out += os.read(fd, 1024)
+    os.write(fd, answer + b"\n")
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(fd)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), out.decode()
+
+
+def test_delete_asks_on_a_terminal(wyng, tmp_path):
+    _two_volumes(wyng, tmp_path)
+    code, out = _on_a_terminal(wyng, ["delete", "a"], b"n")
+    assert code == 1 and "not confirmed, nothing changed" in out
+    assert len(wyng.sessions("a")) == 2
+    code, out = _on_a_terminal(wyng, ["delete", "a"], b"y")
+    assert code == 0 and "deleted a" in out
+    assert "a" not in [v["name"] for v in json.loads(wyng.run("list", "--json").stdout)["volumes"]]
