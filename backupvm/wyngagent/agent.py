@@ -204,6 +204,7 @@ def main():
         return 1
     finally:
         if session.archive:
+            session.archive.writers.settle()
             try:
                 session.archive.unlock()
             except OSError:

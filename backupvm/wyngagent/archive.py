@@ -276,6 +276,14 @@ class Workers:
                 self.done.wait()
             self._raise()
 
+    def settle(self, timeout=30):
+        """After a failure: let the writes in flight end (each removes its
+        temporary file if it fails), so that none is cut off at exit."""
+        deadline = time.monotonic() + timeout
+        with self.done:
+            while self.running and time.monotonic() < deadline:
+                self.done.wait(deadline - time.monotonic())
+
     def _raise(self):
         if self.failure:
             raise self.failure
