@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from images import KiB, MiB, chunk_files, make, overwrite, same
 
 CHUNK = 256 * KiB
@@ -70,6 +72,31 @@ def test_add_makes_an_empty_volume_that_send_fills(wyng, tmp_path):
     wyng.send("new-vol", image)
     assert len(wyng.sessions("new-vol")) == 1
     assert "already in the archive" in wyng.run("add", "new-vol", expect=1).stderr
+
+
+@pytest.mark.parametrize("command,label,done", [
+    ("prune", "dom0:prune-marked", False), ("prune", "dom0:after-manifest", False),
+    ("prune", "agent:before-root", False), ("prune", "dom0:after-root", True),
+    ("prune", "agent:scan-half", True), ("delete", "dom0:delete-before-commit", False),
+    ("delete", "agent:after-root", True), ("delete", "agent:scan-half", True)])
+def test_interrupted_prune_or_delete_is_settled_by_the_next_command(wyng, tmp_path, command, label, done):
+    """Killed before the new root: the next writer rolls it back; after:
+    it finishes it.  Either way no garbage is left and nothing is lost."""
+    _a, b = _two_volumes(wyng, tmp_path)
+    first, second = wyng.sessions("a")
+    args = ["prune", "a", "--session=" + first] if command == "prune" else ["delete", "-u", "a"]
+    killed = wyng.run(*args, expect=None, env={"QVM_WYNG_TEST_CRASH": label})
+    assert killed.returncode != 0 and (wyng.archive / "garbage").exists()
+    after = wyng.send("b", b, "--send-unchanged")
+    assert "finishing an interrupted prune or delete" in after.stderr
+    assert not (wyng.archive / "garbage").exists()
+    names = [v["name"] for v in json.loads(wyng.run("list", "--json").stdout)["volumes"]]
+    if command == "delete":
+        assert names == (["b"] if done else ["a", "b"])
+    else:
+        assert wyng.sessions("a") == ([second] if done else [first, second])
+    assert wyng.run("arch-check").returncode == 0  # nothing unused is left
+    assert len(wyng.restore_all()["b"]) == 2
 
 
 # -- arch-check and arch-deduplicate ---------------------------------------------

@@ -252,7 +252,7 @@ class Archive:
         groups = groups or [0] * len(items)
         if len(items) > MAX_SCAN:
             raise Fail("the archive has more than %d sessions: prune some first" % MAX_SCAN)
-        self.link.send(wire.SCAN, struct.pack(">BI", mode, len(items)), *(
+        self.link.send(wire.SCAN, struct.pack(">BI", mode, len(items)), b"".join(
             bytes.fromhex(v["sessions"][i]["manifest"]) + struct.pack(">I", g) for (v, i), g in zip(items, groups)))
         records, limit = [], 3 * len(items) + max(groups, default=0) + 16
         while True:
@@ -267,8 +267,11 @@ class Archive:
         """Garbage collection: the agent removes every chunk and manifest
         that no session of the root uses.  Returns (objects, bytes) removed."""
         records = self.scan(SCAN_WHOLE | SCAN_CLEAN, self.manifests())
-        if any(r[0] in (BAD_MANIFEST, MISSING) for r in records):
-            notice(self.opts, "warning: the archive is damaged, so no chunk was removed: run arch-check")
+        kinds = {r[0] for r in records}
+        if BAD_MANIFEST in kinds:
+            notice(self.opts, "warning: a manifest cannot be read, so no chunk was removed: run arch-check")
+        elif MISSING in kinds:
+            notice(self.opts, "warning: chunks that sessions use are missing: run arch-check")
         removed = [r for r in records if r[0] == REMOVED]
         return (removed[0][2], removed[0][3]) if removed else (0, 0)
 
