@@ -109,23 +109,31 @@ class PipeTransport:
 
 
 def test_decoder_fuzz():
+    from types import SimpleNamespace
+
     from qubeswyng import wire
+    from qubeswyng.archive import Archive
     from qubeswyng.errors import Fail
     rng = random.Random(7)
     ops = [wire.OK, wire.ERR, wire.DATA, wire.END, wire.NONE, 0, 255]
+    frames_of = [0, 1, 5, 29, 31, 32, 33, 301, 999, 1000, 1001]
     for _ in range(3000):
         frames = b""
         for _ in range(rng.randrange(1, 4)):
-            length = rng.choice([0, 1, 5, 31, 32, 33, 999, 1000, 1001, rng.randrange(0, 1 << 32)])
+            length = rng.choice(frames_of + [rng.randrange(0, 1 << 32)])
             body = rng.randbytes(min(length, rng.randrange(0, 1200)))
             frames += struct.pack(">BI", rng.choice(ops), length) + body
         frames = frames[:rng.randrange(0, len(frames) + 1)]
         link = wire.Link(PipeTransport(frames))
+        reader = Archive.__new__(Archive)  # only its decoding of SCAN and LOCK replies
+        reader.link, reader.opts = link, SimpleNamespace(command="fuzz", force=False, quiet=True)
         try:
             rng.choice([
                 lambda: link.reply(32),
                 lambda: list(link.parts(4096)),
                 lambda: link.frame((wire.DATA,), CHUNK),
+                lambda: reader.scan(0, []),
+                lambda: reader.lock(),
             ])()
         except Fail:
             pass
