@@ -74,6 +74,7 @@ def bench_prune(b, size, sessions):
             workload.change(image, 0.002, seed=n)
         b.cli("send", "--import-other-from=vol:|:%s" % image, "--send-unchanged")
     made = time.monotonic() - start
+    os.sync()  # measure on a settled disk, not against the setup's writeback
     archive = b.open("prune")
     try:
         vol = archive.require_volume("vol")
@@ -122,6 +123,7 @@ def bench_gc(b, total, volumes=10):
     finally:
         archive.close()
     made = time.monotonic() - start
+    os.sync()
     archive = b.open("delete")
     try:
         start = time.monotonic()
@@ -166,7 +168,8 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("# Prune and GC benchmark\n")
-    print("machine: %d CPUs, %s, Python %s\n" % (os.cpu_count(), os.uname().machine, sys.version.split()[0]))
+    print("machine: %d CPUs, %s, Python %s; load average at the end %.1f (other work shares the machine)\n"
+          % (os.cpu_count(), os.uname().machine, sys.version.split()[0], os.getloadavg()[0]))
     if "prune" in figures:
         f = figures["prune"]
         print("## Prune one session of %d, %.1f GiB volume\n" % (f["sessions"], f["volume_bytes"] / 2 ** 30))

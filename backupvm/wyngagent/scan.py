@@ -14,7 +14,7 @@ import os
 import struct
 import tempfile
 
-from .archive import GARBAGE_NAME, ArchiveError, chunk_name, manifest_name
+from .archive import GARBAGE_NAME, ArchiveError, Workers, chunk_name, manifest_name
 from .hooks import point
 from .objects import ObjectError
 
@@ -26,6 +26,7 @@ REPORT = struct.Struct(">BIQQQ")  # kind, index, three counts
 MANIFEST_HEAD, ENTRY, MAC = 120, struct.Struct(">Q32s"), 32
 ZERO = bytes(32)
 SLICE = 1 << 18  # records sorted at once: about 25 MB
+DELETERS = 8  # unused chunks are looked at and removed by a few threads (I/O bound)
 TMP = ".tmp-"
 
 
@@ -38,6 +39,7 @@ class Scan:
         self.group = [[0, 0, 0] for _ in range(g)]  # references, distinct chunks, stored bytes
         self.total = [0, 0, 0]  # distinct chunks, stored bytes, chunks opened
         self.unused, self.unused_manifests, self.leftovers, self.removed = [0, 0], 0, 0, [0, 0]
+        self.deleters = Workers(DELETERS)
 
     def run(self):
         with tempfile.TemporaryDirectory(prefix="wyng-scan-") as tmp:
@@ -49,6 +51,7 @@ class Scan:
                 self.archive.renew_lock()
                 if b == 127:
                     point("agent:scan-half")
+        self.deleters.drain()
         if self.mode & WHOLE:
             self._manifests_and_leftovers()
         if self.may_delete:
@@ -170,12 +173,19 @@ class Scan:
         return True
 
     def _unused(self, cid):
-        name = chunk_name(cid)
+        self.deleters.submit(self._drop, chunk_name(cid))
+
+    def _drop(self, name):
+        """On a worker thread: count an unused chunk, remove it if allowed."""
         size = self.store.size(name) or 0
-        self.unused[0] += 1
-        self.unused[1] += size
         if self.may_delete:
-            self._remove(name)
+            self.store.delete(name)
+        with self.deleters.mutex:
+            self.unused[0] += 1
+            self.unused[1] += size
+            if self.may_delete:
+                self.removed[0] += 1
+                self.removed[1] += size
 
     def _leftover(self, name):
         self.leftovers += 1
