@@ -354,3 +354,37 @@ def test_delete_asks_on_a_terminal(wyng, tmp_path):
     code, out = _on_a_terminal(wyng, ["delete", "a"], b"y")
     assert code == 0 and "deleted a" in out
     assert "a" not in [v["name"] for v in json.loads(wyng.run("list", "--json").stdout)["volumes"]]
+
+
+def test_an_archive_with_many_sessions(wyng, tmp_path):
+    """1,100 sessions (made through dom0's own API: a CLI send each would
+    take minutes) are checked, counted and pruned in one request each."""
+    from qubeswyng import cli
+    from qubeswyng.archive import Archive
+    wyng.init("--chunk-factor=1")
+    archive = Archive(cli.parse(wyng.args(["send"]))).open(write=True)
+    try:
+        vol = archive.add_volume("vol")
+        for n in range(1100):
+            data = b"session %d" % n
+            cid = archive.keys.chunk_id(data)
+            archive.put_chunk(cid, data)
+            ses = {"name": time.strftime("%Y%m%d-%H%M%S", time.gmtime(1767225600 + 60 * n)),
+                   "time": 1767225600 + 60 * n, "size": len(data), "tags": {}}
+            archive.write_manifest(vol, ses, vol["sessions"][-1]["name"] if vol["sessions"] else "", 1,
+                                   [(0, cid)])
+            vol["sessions"].append(ses)
+        archive.commit()
+    finally:
+        archive.close()
+    assert "no problems found" in wyng.run("arch-check").stdout
+    report = json.loads(wyng.run("arch-deduplicate", "--json").stdout)
+    assert report["archive"]["chunks"] == 1100 and report["volumes"][0]["sessions"] == 1100
+    names = wyng.sessions("vol")
+    wyng.run("prune", "vol", "--all-before", "--session=" + names[1000])
+    assert wyng.sessions("vol") == names[1000:]
+    assert len(chunk_files(wyng.archive)) == 100
+    assert "no problems found" in wyng.run("arch-check").stdout
+    out = tmp_path / "out"
+    wyng.receive("vol", out, "--session=" + names[1050])
+    assert out.read_bytes() == b"session 1050"
