@@ -5,11 +5,13 @@ come first on the import path (also for the subprocesses they start), and
 ``file:`` archives run this checkout's ``qubes-rpc/wyng.Agent``.
 """
 import contextlib
+import hashlib
 import itertools
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,8 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["
 os.environ["QVM_WYNG_AGENT"] = str(AGENT)
 # never the real /etc/wyng/wyng.ini: tests that want one pass --config
 os.environ["QVM_WYNG_CONFIG"] = os.devnull
+os.environ["TZ"] = "UTC"  # session names are local time; tests choose their times in UTC
+time.tzset()
 IN_CI = os.environ.get("CI") == "true"
 
 PASS = "correct horse battery staple"
@@ -80,6 +84,66 @@ class Wyng:
         import json
         out = self.run("list", name, "--json").stdout
         return [s["session"] for s in json.loads(out)["volumes"][0]["sessions"]]
+
+    def main(self, *args, env=None):
+        """Run qvm-wyng in this process (no interpreter start: for tests
+        that make many sessions); returns the exit code."""
+        from qubeswyng import cli
+        saved = dict(os.environ)
+        os.environ.update(env or {})
+        try:
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                return cli.main(self.args(args))
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def at(self, when, *args, expect=0):
+        """Run with the test clock set to ``when`` (Unix seconds)."""
+        return self.run(*args, expect=expect, env={"QVM_WYNG_TEST_NOW": str(int(when))})
+
+    def restore_all(self):
+        """{volume: {session: sha256 of the restored bytes}} for every session
+        in the archive, restored in this process through one real agent
+        connection with dom0's own code (far faster than a receive each)."""
+        from qubeswyng import cli
+        from qubeswyng.archive import Archive
+        from qubeswyng.commands.receive import restore
+        from qubeswyng.manifest import ChunkMap, chunk_count
+        opts = cli.parse(self.args(["list", "-q"]))
+        archive = Archive(opts).open()
+        out = {}
+        try:
+            for vol in archive.root["volumes"]:
+                out[vol["name"]] = {}
+                chunk_map = ChunkMap()  # built session by session, as chunk_map() does
+                for i, ses in enumerate(vol["sessions"]):
+                    chunk_map.resize(chunk_count(ses["size"], archive.chunk_size))
+                    for index, cid in archive.read_manifest(vol, i):
+                        chunk_map[index] = cid
+                    buf = bytearray(ses["size"])
+
+                    def write(offset, data, buf=buf):
+                        buf[offset:offset + len(data)] = data
+                    restore(archive, chunk_map, ses["size"], write, opts, vol["name"], False)
+                    out[vol["name"]][ses["name"]] = hashlib.sha256(buf).hexdigest()
+        finally:
+            archive.close()
+        return out
+
+    def keys(self):
+        """The archive's keys, for tests that name chunk objects."""
+        from qubeswyng.formats import Header
+        from qubeswyng.keys import Keys
+        header = Header.parse((self.archive / "header").read_bytes())
+        return Keys(header.unlock(self.passphrase.encode()), header.archive_id)
+
+    def copy(self, tmp_path):
+        """An independent copy of this archive and its dom0 metadata."""
+        other = Wyng(tmp_path)
+        shutil.copytree(self.archive, other.archive)
+        shutil.copytree(self.meta, other.meta)
+        return other
 
 
 @pytest.fixture

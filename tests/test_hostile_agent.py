@@ -65,6 +65,19 @@ def test_replayed_chunk_is_refused(archive, tmp_path, position):
     assert not out.exists()
 
 
+# frames of arch-check on the one-session archive: 4 LOCK, 5-6 root, 7-8 the
+# manifest, 9.. the scan report
+@pytest.mark.parametrize("mode,position", [
+    # LOCK's reply is a hint (garbage due, who held the lock): shrinking it is harmless
+    (m, p) for m in MODES for p in (4, 9, 10) if not (m == "shrink" and p == 4)])
+def test_lying_agent_during_arch_check(archive, tmp_path, mode, position):
+    done = _lied_to(archive, tmp_path, "%s:%d" % (mode, position), "arch-check")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "\x1b" not in done.stderr + done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qvm-wyng: error: "), done.stderr
+
+
 def test_lies_during_send_leave_the_archive_as_it_was(archive, tmp_path):
     before = archive.sessions("vol")
     for lie in ("truncate:5", "garbage:4", "oversize:6", "errflood:7", "shrink:5", "unknown:8"):
@@ -96,23 +109,31 @@ class PipeTransport:
 
 
 def test_decoder_fuzz():
+    from types import SimpleNamespace
+
     from qubeswyng import wire
+    from qubeswyng.archive import Archive
     from qubeswyng.errors import Fail
     rng = random.Random(7)
     ops = [wire.OK, wire.ERR, wire.DATA, wire.END, wire.NONE, 0, 255]
+    frames_of = [0, 1, 5, 29, 31, 32, 33, 301, 999, 1000, 1001]
     for _ in range(3000):
         frames = b""
         for _ in range(rng.randrange(1, 4)):
-            length = rng.choice([0, 1, 5, 31, 32, 33, 999, 1000, 1001, rng.randrange(0, 1 << 32)])
+            length = rng.choice(frames_of + [rng.randrange(0, 1 << 32)])
             body = rng.randbytes(min(length, rng.randrange(0, 1200)))
             frames += struct.pack(">BI", rng.choice(ops), length) + body
         frames = frames[:rng.randrange(0, len(frames) + 1)]
         link = wire.Link(PipeTransport(frames))
+        reader = Archive.__new__(Archive)  # only its decoding of SCAN and LOCK replies
+        reader.link, reader.opts = link, SimpleNamespace(command="fuzz", force=False, quiet=True)
         try:
             rng.choice([
                 lambda: link.reply(32),
                 lambda: list(link.parts(4096)),
                 lambda: link.frame((wire.DATA,), CHUNK),
+                lambda: reader.scan(0, []),
+                lambda: reader.lock(),
             ])()
         except Fail:
             pass
@@ -125,7 +146,7 @@ def test_manifest_reader_fuzz():
     from qubeswyng.errors import Fail
     rng = random.Random(8)
     k = keys.Keys(bytes(32), bytes(16))
-    head = manifest.Head(CHUNK, bytes(16), bytes(16), "20260101-000000", 1, 50 * CHUNK, 20, bytes(32))
+    head = manifest.Head(CHUNK, bytes(16), bytes(16), "20260101-000000", 1, 50 * CHUNK, 20, "20251231-000000")
     entries = [(i * 2, rng.randbytes(32)) for i in range(20)]
     good = b"".join(manifest.encode(k, head, iter(entries)))
     expect_mac = good[-32:]

@@ -169,3 +169,48 @@ def test_chunks_are_named_by_keyed_ids(wyng, tmp_path):
     other.init()
     other.send("vol", image)
     assert not set(chunk_files(wyng.archive)) & set(chunk_files(other.archive))
+
+
+# -- pruning: the root is the authority for which manifest holds a session -----
+
+def _pruned_three(wyng, tmp_path, *init_args):
+    """Three sessions, the middle one pruned; returns the root and the
+    manifests from before the prune."""
+    image = make(tmp_path / "img", 8 * 256 * KiB, [(0, 8 * 256 * KiB, "random")], seed=6)
+    wyng.init(*init_args)
+    for n in range(3):
+        overwrite(image, n * 256 * KiB, b"session %d" % n)
+        wyng.send("vol", image)
+    old_root = (wyng.archive / "archive").read_bytes()
+    old = {p.name: p.read_bytes() for p in (wyng.archive / "manifests").iterdir()}
+    first, middle, last = wyng.sessions("vol")
+    wyng.run("prune", "vol", "--session=" + middle)
+    assert wyng.sessions("vol") == [first, last]
+    return old_root, old
+
+
+@pytest.mark.parametrize("encrypt", ["xchacha20-poly1305", "off"])
+def test_unmerged_manifest_put_back_after_a_prune_is_refused(wyng, tmp_path, encrypt):
+    """The storage keeps the newest session's manifest from before the prune
+    and serves it under the merged one's name: its parent link and MAC no
+    longer match what the root says."""
+    _root, old = _pruned_three(wyng, tmp_path, "--encrypt=" + encrypt)
+    merged = (set(os.listdir(wyng.archive / "manifests")) - set(old)).pop()
+    for content in old.values():
+        (wyng.archive / "manifests" / merged).write_bytes(content)
+        _refused(wyng, tmp_path, ["fails authentication", "does not belong"])
+
+
+def test_root_from_before_a_prune_is_a_rollback(wyng, tmp_path):
+    old_root, _old = _pruned_three(wyng, tmp_path)
+    (wyng.archive / "archive").write_bytes(old_root)
+    _refused(wyng, tmp_path, ["rolled back"])
+
+
+def test_manifest_of_one_session_served_for_another_is_refused(wyng, tmp_path):
+    _pruned_three(wyng, tmp_path, "--encrypt=off")
+    first, last = sorted((wyng.archive / "manifests").iterdir(), key=os.path.getmtime)
+    last.write_bytes(first.read_bytes())
+    _refused(wyng, tmp_path, ["fails authentication", "does not belong"])
+    done = wyng.run("arch-check", expect=1)
+    assert "vol %s: manifest of" % wyng.sessions("vol")[-1] in done.stdout

@@ -11,12 +11,14 @@ import sys
 from . import __version__, wire
 from .archive import Archive, ArchiveError, PART
 from .objects import Codec, ObjectError
+from .scan import CLEAN, Scan
 from .storage import open_store
 
 OPEN = struct.Struct(">BBbI")  # cipher, compression, level, chunk size
 CHUNK_ID = 32
 MANIFEST_ID = 16
 MAX_CHUNK = 2 << 20
+SCAN_ITEM = struct.Struct(">16sI")  # manifest name, group
 FATAL = (ArchiveError, ObjectError, OSError, wire.ProtocolError)
 
 
@@ -96,8 +98,8 @@ class Session:
 
     def lock(self, payload):
         ttl, force = struct.unpack(">IB", payload[:5])
-        self.archive.lock(payload[5:].decode(errors="replace"), ttl, force)
-        self.out.send(wire.OK)
+        flags, holder = self.archive.lock(payload[5:].decode(errors="replace"), ttl, force)
+        self.out.send(wire.OK, bytes([flags]), holder.encode("utf-8", "replace")[:300])
 
     def unlock(self, _payload):
         self.archive.unlock()
@@ -145,6 +147,27 @@ class Session:
             else:
                 self.out.send(wire.DATA, data)
 
+    def scan(self, payload):
+        if len(payload) < 5:
+            raise wire.ProtocolError("short SCAN")
+        mode, n = struct.unpack(">BI", payload[:5])
+        if len(payload) != 5 + n * SCAN_ITEM.size:
+            raise wire.ProtocolError("bad SCAN list")
+        if mode & CLEAN:
+            self.archive.require_lock()
+        items = list(SCAN_ITEM.iter_unpack(payload[5:]))
+        for record in Scan(self.archive, mode, [m for m, _g in items], [g for _m, g in items]).run():
+            self.out.send(wire.DATA, record)
+        self.out.send(wire.END)
+
+    def mark_garbage(self, _payload):
+        self.archive.mark_garbage()
+        self.out.send(wire.OK)
+
+    def get_free(self, _payload):
+        free = self.archive.store.free_bytes()
+        self.out.send(wire.OK, struct.pack(">Q", (1 << 64) - 1 if free is None else free))
+
     def get_stats(self, _payload):
         self.archive.drain()
         self.ok_stats()
@@ -162,7 +185,8 @@ HANDLERS = {
     wire.GET_ROOT: Session.get_root, wire.PUT_CHUNK: Session.put_chunk,
     wire.PUT_MANIFEST: Session.put_manifest, wire.PUT_ROOT: Session.put_root,
     wire.GET_MANIFEST: Session.get_manifest, wire.GET_CHUNKS: Session.get_chunks,
-    wire.BYE: Session.bye, wire.GET_STATS: Session.get_stats,
+    wire.BYE: Session.bye, wire.GET_STATS: Session.get_stats, wire.SCAN: Session.scan,
+    wire.MARK_GARBAGE: Session.mark_garbage, wire.GET_FREE: Session.get_free,
 }
 
 
@@ -180,6 +204,7 @@ def main():
         return 1
     finally:
         if session.archive:
+            session.archive.writers.settle()
             try:
                 session.archive.unlock()
             except OSError:

@@ -11,9 +11,12 @@ import socket
 import threading
 import time
 
+from .hooks import point
 from .objects import MAGIC
 
-HEADER_NAME, ROOT_NAME, LOCK_NAME = "header", "archive", "lock"
+HEADER_NAME, ROOT_NAME, LOCK_NAME, GARBAGE_NAME = "header", "archive", "lock", "garbage"
+# flags of LOCK's reply
+LOCK_GARBAGE, LOCK_FORCED, LOCK_STALE = 1, 2, 4
 MAX_HEADER = 64 << 10
 PART = 1 << 20  # plaintext per segment of manifests and the root
 # an object shorter than this cannot be a sealed chunk: a crash left it
@@ -71,23 +74,39 @@ class Archive:
 
     # -- writer lock ------------------------------------------------------
     def lock(self, owner, ttl, force):
+        """Take the writer lock; returns (flags, previous holder)."""
         token = os.urandom(8).hex()
         body = self._lock_body(owner, ttl, token)
+        flags, holder_name = 0, ""
         if not self.store.create_exclusive(LOCK_NAME, body):
             holder = self._read_lock() or {}
-            if _lock_is_live(holder) and not force:
-                raise ArchiveError("archive is locked by %s until %s" % (
-                    str(holder.get("owner", "?"))[:200],
-                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["expires"]))))
+            holder_name = str(holder.get("owner", "?"))[:200]
+            if _lock_is_live(holder):
+                if not force:
+                    raise ArchiveError("archive is locked by %s until %s (--force takes it over)" % (
+                        holder_name, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["expires"]))))
+                flags |= LOCK_FORCED
+            else:
+                flags |= LOCK_STALE
             self.store.write(LOCK_NAME, body, durable=True)
             time.sleep(0.05)  # let a racing taker's write land, then check who won
             if (self._read_lock() or {}).get("token") != token:
                 raise ArchiveError("archive lock was taken by another writer")
         self.lock_token, self.lock_ttl, self.lock_owner = token, ttl, owner
         self.lock_renewed = time.monotonic()
+        if self.store.size(GARBAGE_NAME) is not None:
+            flags |= LOCK_GARBAGE
+        return flags, holder_name
+
+    def mark_garbage(self):
+        """A prune or delete starts: whatever happens next, the next writer
+        collects garbage (this marker goes when a collection completes)."""
+        self.require_lock()
+        self.store.write(GARBAGE_NAME, b"", durable=True)
 
     def renew_lock(self):
-        """Called between requests: push the expiry forward while working."""
+        """Called between requests and during long scans: push the expiry
+        forward while working."""
         if self.lock_token and time.monotonic() - self.lock_renewed > self.lock_ttl / 3:
             self.store.write(LOCK_NAME, self._lock_body(self.lock_owner, self.lock_ttl, self.lock_token))
             self.lock_renewed = time.monotonic()
@@ -189,7 +208,10 @@ class Archive:
         self.require_lock()
         self.drain()
         self.store.sync()
-        self.store.write(ROOT_NAME, self.codec.seal_stream(ROOT_NAME, parts), durable=True)
+        sealed = list(self.codec.seal_stream(ROOT_NAME, parts))
+        point("agent:before-root")
+        self.store.write(ROOT_NAME, sealed, durable=True)
+        point("agent:after-root")
 
 
 
@@ -253,6 +275,14 @@ class Workers:
             while self.running and not self.failure:
                 self.done.wait()
             self._raise()
+
+    def settle(self, timeout=30):
+        """After a failure: let the writes in flight end (each removes its
+        temporary file if it fails), so that none is cut off at exit."""
+        deadline = time.monotonic() + timeout
+        with self.done:
+            while self.running and time.monotonic() < deadline:
+                self.done.wait(deadline - time.monotonic())
 
     def _raise(self):
         if self.failure:

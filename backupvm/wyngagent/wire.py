@@ -13,7 +13,8 @@ MAX_PAYLOAD = (4 << 20) + 64  # the largest chunk (2 MiB) with room to spare
 
 # requests (dom0 -> agent)
 HELLO, GET_HEADER, INIT, OPEN, LOCK, UNLOCK, GET_ROOT, PUT_CHUNK, \
-    PUT_MANIFEST, PUT_ROOT, GET_MANIFEST, GET_CHUNKS, BYE, GET_STATS = range(1, 15)
+    PUT_MANIFEST, PUT_ROOT, GET_MANIFEST, GET_CHUNKS, BYE, GET_STATS, \
+    SCAN, MARK_GARBAGE, GET_FREE = range(1, 18)
 # replies (agent -> dom0)
 OK, ERR, DATA, END, NONE = range(0x80, 0x85)
 

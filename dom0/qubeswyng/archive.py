@@ -7,18 +7,24 @@ from the agent is used before its MAC or chunk id matched.
 """
 import os
 import struct
-import time
 
 from . import keys as K
 from . import manifest, wire
+from .clock import now, point
 from .errors import Fail
 from .formats import MAX_ROOT, Header, new_root, open_root, seal_root
-from .manifest import ZERO, ChunkMap, Head
+from .manifest import ChunkMap, Head
 from .meta import Meta
+from .progress import notice
 from .transport import start
 
 LOCK_TTL = 120
+MAX_SCAN = 200000  # manifests in one SCAN request (4 MiB frames)
 FETCH_BATCH = 256
+# SCAN modes and record kinds (doc/PROTOCOL.md)
+SCAN_OBJECTS, SCAN_WHOLE, SCAN_CLEAN, SCAN_SIZES = 1, 2, 4, 8
+(BAD_MANIFEST, MISSING, DAMAGED, UNUSED_CHUNKS, UNUSED_MANIFESTS, LEFTOVERS, GROUP,
+ TOTAL, REMOVED) = range(1, 10)
 
 
 class Archive:
@@ -30,7 +36,7 @@ class Archive:
         reply = self.link.reply(64)
         if len(reply) < 2 or struct.unpack(">H", reply[:2])[0] != wire.PROTOCOL_VERSION:
             raise wire.AgentError("the agent speaks another protocol version")
-        self.locked = False
+        self.locked = self.garbage = False
 
     # -- creating and opening ----------------------------------------------
     def create(self, header, passphrase):
@@ -52,6 +58,9 @@ class Archive:
         if write:
             self.lock()
         self._load_root()
+        if write and self.garbage:
+            notice(opts, "finishing an interrupted prune or delete: removing what no session uses")
+            self.collect()
         try:
             K.store_master(opts.auth_dir, header.archive_id, master, opts.authmin)
         except OSError:
@@ -75,9 +84,16 @@ class Archive:
         self.link.reply()
 
     def lock(self):
+        """Take the writer lock.  The agent's reply says whether a prune or
+        delete left garbage (a hint: collecting it is always safe) and whose
+        lock --force took over."""
         owner = "qvm-wyng %s" % self.opts.command
         self.link.send(wire.LOCK, struct.pack(">IB", LOCK_TTL, bool(self.opts.force)), owner.encode())
-        self.link.reply()
+        reply = self.link.reply(1 + 300)
+        flags = reply[0] if reply else 0
+        if flags & wire.LOCK_FORCED:
+            notice(self.opts, "warning: --force took over the archive lock held by %s" % wire.printable(reply[1:]))
+        self.garbage = bool(flags & wire.LOCK_GARBAGE)
         self.locked = True
 
     def _load_root(self):
@@ -133,36 +149,49 @@ class Archive:
             found = self.meta.load_map(vol["id"], head_mac)
             if found is not None:
                 return found
-        chunk_map, parent = ChunkMap(), ZERO
-        for ses in sessions[:upto + 1]:
+        chunk_map = ChunkMap()
+        for i, ses in enumerate(sessions[:upto + 1]):
             chunk_map.resize(manifest.chunk_count(ses["size"], self.chunk_size))
-            for index, cid in self.read_manifest(vol, ses, parent):
+            for index, cid in self.read_manifest(vol, i):
                 chunk_map[index] = cid
-            parent = bytes.fromhex(ses["mac"])
         if upto == len(sessions) - 1:
             self.meta.save_map(vol["id"], head_mac, chunk_map)
         return chunk_map
 
-    def read_manifest(self, vol, ses, parent_mac):
+    def read_manifest(self, vol, index):
+        """The verified entries of session ``index`` of ``vol``: its header
+        must match where the root puts it (volume, name, size, the previous
+        session's name) and its MAC the root's record.  If checking fails
+        early, the rest of the stream is read, so the link stays usable."""
+        sessions = vol["sessions"]
+        ses = sessions[index]
+        parent = sessions[index - 1]["name"] if index else ""
         expect = Head(self.chunk_size, self.header.archive_id, bytes.fromhex(vol["id"]),
-                      ses["name"], 0, ses["size"], 0, parent_mac)
+                      ses["name"], 0, ses["size"], 0, parent)
         self.link.send(wire.GET_MANIFEST, bytes.fromhex(ses["manifest"]))
         # 40 bytes per entry, at most one entry per chunk
         limit = manifest.HEAD.size + 40 * manifest.chunk_count(ses["size"], self.chunk_size) + 32
-        return manifest.read(self.keys, self.link.parts(limit), bytes.fromhex(ses["mac"]), expect)
+        parts = self.link.parts(limit)
+        try:
+            yield from manifest.read(self.keys, parts, bytes.fromhex(ses["mac"]), expect)
+        except wire.AgentError:
+            raise
+        except Fail:
+            for _part in parts:
+                pass
+            raise
 
-    def write_manifest(self, vol, name, size, count, entries, tags):
-        """Store a new session's manifest listing ``count`` (index, id)
-        ``entries``; returns its session record."""
-        sessions = vol["sessions"]
-        parent = bytes.fromhex(sessions[-1]["mac"]) if sessions else ZERO
-        mid, now = os.urandom(16), int(time.time())
+    def write_manifest(self, vol, ses, parent, count, entries):
+        """Store a manifest for the session record ``ses`` (name, time, size
+        and tags set) after session ``parent`` ("" for none), listing
+        ``count`` (index, id) ``entries``.  Fills in the record's manifest
+        name, MAC and count; the caller puts it in the root."""
+        mid = os.urandom(16)
         head = Head(self.chunk_size, self.header.archive_id, bytes.fromhex(vol["id"]),
-                    name, now, size, count, parent)
+                    ses["name"], ses["time"], ses["size"], count, parent)
         last = self.link.send_stream(wire.PUT_MANIFEST, mid, manifest.encode(self.keys, head, entries))
-        ses = {"name": name, "manifest": mid.hex(), "mac": last[-32:].hex(), "size": size,
-               "time": now, "changed": count, "tags": tags}
-        sessions.append(ses)
+        ses.update(manifest=mid.hex(), mac=last[-32:].hex(), changed=count)
+        point("dom0:after-manifest")
         return ses
 
     def put_chunk(self, cid, data):
@@ -195,11 +224,63 @@ class Archive:
     def commit(self):
         """Write the root; everything it refers to is stored first."""
         self.root["seq"] += 1
-        self.root["time"] = int(time.time())
+        self.root["time"] = now()
         blob = seal_root(self.keys, self.root)
+        point("dom0:before-root")
         self.link.send_parts(wire.PUT_ROOT, b"", blob)
         self._stats_reply()
         self.meta.save_seen(self.root["seq"], blob[-32:])
+        point("dom0:after-root")
+
+    # -- garbage, checks and figures (the agent does the work) ----------------
+    def mark_garbage(self):
+        """Before a change that drops references (prune, delete): the agent
+        records that a collection is due, so that an interruption at any
+        later moment is finished by the next writer."""
+        self.link.send(wire.MARK_GARBAGE)
+        self.link.reply()
+
+    def manifests(self, vols=None):
+        """[(volume, session index)] of every session of ``vols`` (all)."""
+        return [(v, i) for v in (self.root["volumes"] if vols is None else vols)
+                for i in range(len(v["sessions"]))]
+
+    def scan(self, mode, items, groups=None):
+        """Ask the agent to walk the chunks the given sessions' manifests
+        list (doc/PROTOCOL.md, SCAN).  Returns its records, bounded and
+        range-checked: figures to report, never to decide on."""
+        groups = groups or [0] * len(items)
+        if len(items) > MAX_SCAN:
+            raise Fail("the archive has more than %d sessions: prune some first" % MAX_SCAN)
+        self.link.send(wire.SCAN, struct.pack(">BI", mode, len(items)), b"".join(
+            bytes.fromhex(v["sessions"][i]["manifest"]) + struct.pack(">I", g) for (v, i), g in zip(items, groups)))
+        records, limit = [], 3 * len(items) + max(groups, default=0) + 16
+        while True:
+            op, data = self.link.frame((wire.DATA, wire.END), wire.SCAN_RECORD.size)
+            if op == wire.END:
+                return records
+            if len(data) != wire.SCAN_RECORD.size or len(records) >= limit:
+                raise wire.LinkBroken("agent sent a malformed scan report")
+            records.append(wire.SCAN_RECORD.unpack(data))
+
+    def collect(self):
+        """Garbage collection: the agent removes every chunk and manifest
+        that no session of the root uses.  Returns (objects, bytes) removed."""
+        records = self.scan(SCAN_WHOLE | SCAN_CLEAN, self.manifests())
+        kinds = {r[0] for r in records}
+        if BAD_MANIFEST in kinds:
+            notice(self.opts, "warning: a manifest cannot be read, so no chunk was removed: run arch-check")
+        elif MISSING in kinds:
+            notice(self.opts, "warning: chunks that sessions use are missing: run arch-check")
+        removed = [r for r in records if r[0] == REMOVED]
+        return (removed[0][2], removed[0][3]) if removed else (0, 0)
+
+    def free_bytes(self):
+        """Space left at the destination as the agent sees it, or None."""
+        self.link.send(wire.GET_FREE)
+        reply = self.link.reply(8)
+        free = struct.unpack(">Q", reply)[0] if len(reply) == 8 else (1 << 64) - 1
+        return None if free == (1 << 64) - 1 else free
 
     def agent_stats(self):
         """The agent's counters so far: stored, deduplicated, bytes in,

@@ -10,7 +10,8 @@ import sys
 import traceback
 
 from . import __version__, config
-from .commands import arch_init, backup, list as list_cmd, receive, restore, send
+from .commands import (add, arch_check, arch_deduplicate, arch_init, backup, delete, list as list_cmd, prune,
+                       receive, rename, restore, send)
 from .errors import Fail
 
 META_DIR = "/var/lib/qubes-wyng"
@@ -27,7 +28,8 @@ COMMANDS = {
     "arch-init": (arch_init.run, "", "create a new archive at --dest",
                   ["dest", "encrypt", "compression", "hashtype", "chunk-factor", "passcmd"]),
     "send": (send.run, "[VOLUME ...]", "back up volumes as a new session (incremental when possible)",
-             ["dest", "import-other-from", "tag", "send-unchanged", "json", "passcmd", "authmin"]),
+             ["dest", "import-other-from", "tag", "send-unchanged", "autoprune", "apdays", "keep", "json",
+              "passcmd", "authmin"]),
     "receive": (receive.run, "VOLUME", "restore a volume's session",
                 ["dest", "save-to", "session", "session-strict", "passcmd", "authmin"]),
     "verify": (receive.run_verify, "VOLUME|VMNAME ...", "check that volumes' (or qubes') sessions restore intact",
@@ -39,15 +41,37 @@ COMMANDS = {
     "restore": (restore.run, "[VMNAME ...|--all]", "restore qubes from their backup, creating missing ones",
                 ["dest", "all", "exclude", "session", "rename-to", "pool", "settings-only", "data-only",
                  "passcmd", "authmin"]),
+    "prune": (prune.run, "[VOLUME ...|--all]", "remove sessions and reclaim their space (never the newest)",
+              ["dest", "all", "session", "all-before", "keep", "autoprune", "apdays", "passcmd", "authmin"]),
+    "delete": (delete.run, "VOLUME ...", "remove volumes and all their sessions from the archive",
+               ["dest", "passcmd", "authmin"]),
+    "rename": (rename.run, "OLD NEW", "rename a volume in the archive", ["dest", "passcmd", "authmin"]),
+    "add": (add.run, "VOLUME ...", "add volume names without sessions", ["dest", "passcmd", "authmin"]),
+    "arch-check": (arch_check.run, "[VOLUME ...]",
+                   "check every manifest, chunk and MAC; report problems by volume and session",
+                   ["dest", "session", "session-strict", "clean", "passcmd", "authmin"]),
+    "arch-deduplicate": (arch_deduplicate.run, "", "report logical against stored bytes (dedup is always on)",
+                         ["dest", "json", "passcmd", "authmin"]),
     "version": (version, "", "print the version", []),
 }
 
 # option: (short form or None, argparse keywords)
 OPTIONS = {
     "dest": (None, dict(metavar="URL", help="archive location: file:/path or qubes://VM/path")),
-    "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG", help="the session to use (newest if not given)")),
-    "all": ("-a", dict(action="store_true", help="backup: every qube with include_in_backups; "
-                                                "restore: every qube in the archive")),
+    "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG[,...]",
+                           help="the session to use (newest if not given); prune: one, every one tagged, "
+                                "or an inclusive range FIRST,LAST; arch-check: newest, or one and all older")),
+    "all": ("-a", dict(action="store_true", help="every volume of the archive; backup: every qube with "
+                                                "include_in_backups; restore: every qube in the archive")),
+    "all-before": (None, dict(action="store_true", help="prune every session before --session")),
+    "keep": (None, dict(action="append", default=[], metavar="YYYYMMDD-HHMMSS|^TAG",
+                        help="never prune this session, or sessions with this tag; repeat for more")),
+    "autoprune": (None, dict(choices=("off", "on", "min", "full"),
+                             help="remove old sessions by age (--apdays): full always; on, min (fewer) "
+                                  "with send only when the destination is short of space")),
+    "apdays": (None, dict(metavar="A:B:C:D", help="autoprune: remove all sessions older than A days "
+                          "(0: never), thin sessions older than B days to D per C days (default 0:62:1:2)")),
+    "clean": (None, dict(action="store_true", help="arch-check: remove objects no session uses")),
     "session-strict": (None, dict(choices=("on", "off"), default="on",
                                   help="off: take the next older session when --session does not match")),
     "save-to": (None, dict(metavar="PATH", help="receive into this file or block device")),

@@ -3,7 +3,8 @@
 A session's manifest lists ``(chunk index, chunk id)`` for the chunks that
 changed since the parent session; an all-zero id means a chunk of zeros.
 Its header binds it to the archive, the volume, the session and the
-parent's MAC (a chain), and dom0's MAC over all of it ends the manifest.
+parent session's name (a chain that the MAC'd root's session list
+confirms), and dom0's MAC over all of it ends the manifest.
 Every index from the parent's end to this session's end is listed, so a
 volume that shrank and grew again never shows stale chunks.
 """
@@ -49,14 +50,17 @@ def chunk_count(size, chunk_size):
 
 
 class Head:
-    def __init__(self, chunk_size, archive_id, volume_id, session, time, size, count, parent_mac):
+    """A manifest header; ``parent`` is the previous session's name ("" for
+    the first session), stored NUL-padded in the 32-byte parent field."""
+
+    def __init__(self, chunk_size, archive_id, volume_id, session, time, size, count, parent):
         self.chunk_size, self.archive_id, self.volume_id = chunk_size, archive_id, volume_id
         self.session, self.time, self.size = session, time, size
-        self.count, self.parent_mac = count, parent_mac
+        self.count, self.parent = count, parent
 
     def pack(self):
         return HEAD.pack(MAGIC, 1, 0, self.chunk_size, self.archive_id, self.volume_id,
-                         self.session.encode(), self.time, self.size, self.count, self.parent_mac)
+                         self.session.encode(), self.time, self.size, self.count, self.parent.encode())
 
 
 def encode(keys, head, entries):
@@ -89,7 +93,7 @@ def read(keys, parts, expect_mac, expect):
     fields = HEAD.unpack(bytes(buf[:HEAD.size]))
     if fields[:2] != (MAGIC, 1) or fields[3:7] != (expect.chunk_size, expect.archive_id, expect.volume_id,
                                                    expect.session.encode().ljust(16, b"\0")) \
-            or fields[8] != expect.size or fields[10] != expect.parent_mac:
+            or fields[8] != expect.size or fields[10] != expect.parent.encode().ljust(32, b"\0"):
         raise Fail("manifest of %s does not belong where the archive root puts it" % expect.session)
     mac.update(buf[:HEAD.size])
     del buf[:HEAD.size]

@@ -16,9 +16,12 @@ from .errors import Fail
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">BI")
 HELLO, GET_HEADER, INIT, OPEN, LOCK, UNLOCK, GET_ROOT, PUT_CHUNK, \
-    PUT_MANIFEST, PUT_ROOT, GET_MANIFEST, GET_CHUNKS, BYE, GET_STATS = range(1, 15)
+    PUT_MANIFEST, PUT_ROOT, GET_MANIFEST, GET_CHUNKS, BYE, GET_STATS, \
+    SCAN, MARK_GARBAGE, GET_FREE = range(1, 18)
 OK, ERR, DATA, END, NONE = range(0x80, 0x85)
 STATS = struct.Struct(">QQQQ")
+SCAN_RECORD = struct.Struct(">BIQQQ")  # kind, index, three counts
+LOCK_GARBAGE, LOCK_FORCED, LOCK_STALE = 1, 2, 4  # flags of LOCK's reply
 MAX_ERROR = 1000
 PART = 1 << 20  # manifest and root parts, both directions
 F_SETPIPE_SZ = 1031
@@ -26,6 +29,10 @@ F_SETPIPE_SZ = 1031
 
 class AgentError(Fail):
     """The agent reported a failure or broke the protocol."""
+
+
+class LinkBroken(AgentError):
+    """The agent broke the protocol or hung up: the link cannot go on."""
 
 
 def printable(raw):
@@ -81,7 +88,7 @@ class Link:
         data = self.rfile.read(n)
         if len(data) != n:
             self.transport.wait_exit()
-            raise AgentError("the agent closed the connection%s" % self.transport.exit_note())
+            raise LinkBroken("the agent closed the connection%s" % self.transport.exit_note())
         return data
 
     def frame(self, accept, max_len):
@@ -90,9 +97,9 @@ class Link:
         if op == ERR and length <= MAX_ERROR:
             raise AgentError("agent: " + printable(self._exact(length)))
         if op not in accept:
-            raise AgentError("agent sent an unexpected reply (%d)" % op)
+            raise LinkBroken("agent sent an unexpected reply (%d)" % op)
         if length > max_len:
-            raise AgentError("agent sent %d bytes where at most %d are allowed" % (length, max_len))
+            raise LinkBroken("agent sent %d bytes where at most %d are allowed" % (length, max_len))
         return op, self._exact(length)
 
     def reply(self, max_len=0):

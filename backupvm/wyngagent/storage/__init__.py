@@ -9,8 +9,8 @@ such as ``chunks/ab/ab12…`` (doc/FORMAT.md lists them):
 - ``create_exclusive(name, data)``: create only if absent; False if present.
 - ``read(name)`` (whole object, bytes) and ``open(name)`` (a file-like
   object with ``read(n)`` and ``close()``); both raise FileNotFoundError.
-- ``size(name)`` (None if absent), ``list(prefix)`` (names under a folder,
-  recursively), ``delete(name)`` (absent is fine).
+- ``size(name)`` (None if absent), ``list(prefix, recursive=True)`` (names
+  under a folder, streamed, in no order), ``delete(name)`` (absent is fine).
 - ``sync()``: every earlier ``write`` is durable when it returns.
 - ``free_bytes()``: space left, or None if the backend cannot tell.
 

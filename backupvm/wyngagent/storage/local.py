@@ -71,12 +71,18 @@ class LocalStore:
         except FileNotFoundError:
             return None
 
-    def list(self, prefix):
-        base = self.path(prefix)
-        for folder, _dirs, files in os.walk(base):
-            rel = os.path.relpath(folder, self.root)
-            for f in files:
-                yield f if rel == "." else rel + "/" + f
+    def list(self, prefix, recursive=True):
+        try:
+            entries = os.scandir(self.path(prefix))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with entries:
+            for entry in entries:
+                name = prefix.rstrip("/") + "/" + entry.name if prefix else entry.name
+                if not entry.is_dir(follow_symlinks=False):
+                    yield name
+                elif recursive:
+                    yield from self.list(name)
 
     def delete(self, name):
         try:

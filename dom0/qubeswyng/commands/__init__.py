@@ -38,3 +38,26 @@ def pick_session(opts, vol):
         if sessions[i]["name"] < spec and opts.session_strict == "off":
             return i
     raise Fail("volume %r has no session %s" % (vol["name"], spec))
+
+
+def chosen_volumes(opts, archive, default_all=False):
+    """The volumes named on the command line, or all with --all (or when
+    none are named and ``default_all``)."""
+    if opts.volumes and opts.all:
+        raise Fail("%s: name volumes or give --all, not both" % opts.command)
+    if opts.all or (default_all and not opts.volumes):
+        return archive.root["volumes"][:]
+    if not opts.volumes:
+        raise Fail("%s: name the volumes, or give --all" % opts.command)
+    return [archive.require_volume(name) for name in opts.volumes]
+
+
+def confirm(opts, question):
+    """Ask on a terminal unless --unattended; without one, refuse."""
+    import sys
+    if opts.unattended:
+        return
+    if not sys.stdin.isatty():
+        raise Fail("%s needs confirmation: use --unattended" % opts.command)
+    if input("%s [y/N] " % question).strip().lower() not in ("y", "yes"):
+        raise Fail("%s: not confirmed, nothing changed" % opts.command)

@@ -9,11 +9,12 @@ import json
 import time
 
 from ..archive import Archive
+from ..clock import now
 from ..errors import Fail
 from ..manifest import ZERO, chunk_count
 from ..progress import Progress, notice, size
 from ..sources.image import ImageSource
-from . import volume_name
+from . import prune, volume_name
 
 IMPORT_SEP = ":|:"
 
@@ -46,16 +47,16 @@ def sources(opts):
     return opened
 
 
-def session_name(archive, names, now=None):
+def session_name(archive, names):
     """YYYYMMDD-HHMMSS, local time, later than every session of these volumes."""
-    now = int(time.time() if now is None else now)
+    when = now()
     latest = max((v["sessions"][-1]["name"] for v in map(archive.volume, names)
                   if v and v["sessions"]), default="")
     while True:
-        name = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        name = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
         if name > latest:
-            return name
-        now += 1
+            return name, when
+        when += 1
 
 
 def parse_tags(specs):
@@ -105,16 +106,22 @@ def send_volume(archive, name, source, session, tags, opts):
         st["session"] = None
         return st, None
     entries = ((i, chunk_map[i]) for i in range(count) if changed[i >> 3] & (1 << (i & 7)))
-    ses = archive.write_manifest(vol, session, source.size, st["chunks_changed"], entries, tags)
-    st["session"] = session
+    ses = {"name": session[0], "time": session[1], "size": source.size, "tags": tags}
+    archive.write_manifest(vol, ses, vol["sessions"][-1]["name"] if vol["sessions"] else "",
+                           st["chunks_changed"], entries)
+    vol["sessions"].append(ses)
+    st["session"] = session[0]
     return st, (vol, ses, chunk_map)
 
 
 def run(opts, app, targets=None):
     targets = sources(opts) if targets is None else targets  # backup passes qubes' sources
     tags = parse_tags(opts.tag)
+    prune.parse_apdays(opts.apdays)
     archive = Archive(opts, app).open(write=True)
     try:
+        if opts.autoprune not in (None, "off"):
+            autoprune(archive, opts, targets)
         session = session_name(archive, [n for n, _s in targets])
         results, new = [], []
         for name, source in targets:
@@ -132,6 +139,22 @@ def run(opts, app, targets=None):
             src.close()
     report(opts, results)
     return 0
+
+
+def autoprune(archive, opts, targets):
+    """Before sending: full always prunes; on and min only when the
+    destination has less space left than the volumes' sizes."""
+    if opts.autoprune != "full":
+        free = archive.free_bytes()
+        if free is None or free >= sum(src.size for _n, src in targets):
+            return
+    vols = [v for v in map(archive.volume, [n for n, _s in targets]) if v]
+    removals = prune.plan(opts, vols, opts.autoprune, by_spec=False)
+    objects, freed = prune.remove(archive, removals)
+    for vol, gone in removals:
+        notice(opts, "%s: autoprune removed %d sessions" % (vol["name"], len(gone)))
+    if removals:
+        notice(opts, "autoprune reclaimed %d objects (%s)" % (objects, size(freed)))
 
 
 def report(opts, results):

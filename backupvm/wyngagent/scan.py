@@ -1,0 +1,229 @@
+"""Walking every chunk that a list of manifests uses: garbage collection,
+arch-check and dedup figures (SCAN in doc/PROTOCOL.md, design in
+doc/lifecycle.md), in memory bounded independently of the archive's size.
+
+Pass 1 reads each manifest dom0 named and appends a (chunk id, manifest
+number) record per entry to one of 256 bucket files on local disk, by the
+id's first byte (chunk folders are cut the same way).  Pass 2 takes one
+bucket at a time, in slices of at most SLICE records (split by the id's
+second byte when a bucket is larger), sorts the slice and walks it beside
+the matching chunk folder: an id without an object is missing, an object
+without a record is unused.
+"""
+import os
+import struct
+import tempfile
+
+from .archive import GARBAGE_NAME, ArchiveError, Workers, chunk_name, manifest_name
+from .hooks import point
+from .objects import ObjectError
+
+OBJECTS, WHOLE, CLEAN, SIZES = 1, 2, 4, 8
+(BAD_MANIFEST, MISSING, DAMAGED, UNUSED_CHUNKS, UNUSED_MANIFESTS, LEFTOVERS, GROUP,
+ TOTAL, REMOVED) = range(1, 10)
+RECORD = struct.Struct(">32sI")  # chunk id, manifest number
+REPORT = struct.Struct(">BIQQQ")  # kind, index, three counts
+MANIFEST_HEAD, ENTRY, MAC = 120, struct.Struct(">Q32s"), 32
+ZERO = bytes(32)
+SLICE = 1 << 18  # records sorted at once: about 25 MB
+DELETERS = 8  # unused chunks are looked at and removed by a few threads (I/O bound)
+TMP = ".tmp-"
+
+
+class Scan:
+    def __init__(self, archive, mode, manifests, groups):
+        self.archive, self.store, self.mode = archive, archive.store, mode
+        self.manifests, self.groups = manifests, groups
+        n, g = len(manifests), max(groups, default=-1) + 1
+        self.bad, self.missing, self.damaged = set(), [0] * n, [0] * n
+        self.group = [[0, 0, 0] for _ in range(g)]  # references, distinct chunks, stored bytes
+        self.total = [0, 0, 0]  # distinct chunks, stored bytes, chunks opened
+        self.unused, self.unused_manifests, self.leftovers, self.removed = [0, 0], 0, 0, [0, 0]
+        self.deleters = Workers(DELETERS)
+
+    def run(self):
+        with tempfile.TemporaryDirectory(prefix="wyng-scan-") as tmp:
+            counts = self._distribute(tmp)
+            # a manifest that cannot be read may use any chunk: delete none then
+            self.may_delete = self.mode & CLEAN and self.mode & WHOLE and not self.bad
+            for b in range(256):
+                self._bucket(os.path.join(tmp, "%02x" % b), b, counts[b])
+                self.archive.renew_lock()
+                if b == 127:
+                    point("agent:scan-half")
+        self.deleters.drain()
+        if self.mode & WHOLE:
+            self._manifests_and_leftovers()
+        if self.may_delete:
+            self.store.delete(GARBAGE_NAME)
+        return self.report()
+
+    # -- pass 1 ------------------------------------------------------------
+    def _distribute(self, tmp):
+        files = [open(os.path.join(tmp, "%02x" % b), "wb", buffering=1 << 15) for b in range(256)]
+        counts = [0] * 256
+        try:
+            for n, mid in enumerate(self.manifests):
+                number = struct.pack(">I", n)
+                try:
+                    for cid in self._ids(mid):
+                        files[cid[0]].write(cid + number)
+                        counts[cid[0]] += 1
+                except (ArchiveError, ObjectError):
+                    self.bad.add(n)
+        finally:
+            for f in files:
+                f.close()
+        return counts
+
+    def _ids(self, mid):
+        """The non-zero chunk ids a manifest lists (layout: doc/FORMAT.md)."""
+        buf, count, seen = bytearray(), None, 0
+        for part in self.archive.get_manifest(mid):
+            buf += part
+            if count is None:
+                if len(buf) < MANIFEST_HEAD:
+                    continue
+                count = struct.unpack_from(">Q", buf, 80)[0]
+                del buf[:MANIFEST_HEAD]
+            whole = min(len(buf) // ENTRY.size, count - seen) * ENTRY.size
+            for _index, cid in ENTRY.iter_unpack(bytes(buf[:whole])):
+                if cid != ZERO:
+                    yield cid
+            del buf[:whole]
+            seen += whole // ENTRY.size
+        if count is None or seen != count or len(buf) != MAC:
+            raise ObjectError("manifest %s is malformed" % mid.hex())
+
+    # -- pass 2 ------------------------------------------------------------
+    def _bucket(self, path, b, count):
+        slices = min(256, max(1, -(-count // SLICE)))
+        for j in range(slices):
+            low, high = 256 * j // slices, 256 * (j + 1) // slices
+            refs = self._records(path, low, high)
+            present = self._present(b, low, high, first=j == 0) if self.mode & WHOLE else None
+            self._compare(refs, present)
+            for cid in present or ():
+                self._unused(cid)
+
+    def _records(self, path, low, high):
+        refs = []
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                block = f.read(RECORD.size * 4096)
+                if not block:
+                    break
+                refs.extend(block[i:i + RECORD.size] for i in range(0, len(block), RECORD.size)
+                            if low <= block[i + 1] < high)
+        refs.sort()
+        return refs
+
+    def _present(self, b, low, high, first):
+        """Ids of the chunk objects stored in this slice; leftovers of
+        interrupted writes are counted (and removed) on the first slice."""
+        present = set()
+        for name in self.store.list("chunks/%02x" % b):
+            base = name.rsplit("/", 1)[-1]
+            try:
+                cid = bytes.fromhex(base) if len(base) == 64 else None
+            except ValueError:
+                cid = None
+            if cid is None:
+                if first:
+                    self._leftover(name)
+            elif low <= cid[1] < high:
+                present.add(cid)
+        return present
+
+    def _compare(self, refs, present):
+        i = 0
+        while i < len(refs):
+            cid, users = refs[i][:32], set()
+            while i < len(refs) and refs[i][:32] == cid:
+                n = RECORD.unpack(refs[i])[1]
+                users.add(n)
+                if self.mode & SIZES:
+                    self.group[self.groups[n]][0] += 1
+                i += 1
+            name = chunk_name(cid)
+            size = self.store.size(name) if present is None or self.mode & SIZES else 0
+            stored = cid in present if present is not None else size is not None
+            if not stored:
+                for n in users:
+                    self.missing[n] += 1
+                continue
+            if present is not None:
+                present.discard(cid)
+            if self.mode & OBJECTS and not self._sound(name):
+                for n in users:
+                    self.damaged[n] += 1
+            if self.mode & SIZES:
+                self.total[0] += 1
+                self.total[1] += size or 0
+                for g in {self.groups[n] for n in users}:
+                    self.group[g][1] += 1
+                    self.group[g][2] += size or 0
+
+    def _sound(self, name):
+        self.total[2] += 1
+        try:
+            self.archive.codec.open(name, self.store.read(name), self.archive.chunk_size)
+        except (ObjectError, OSError):
+            return False
+        return True
+
+    def _unused(self, cid):
+        self.deleters.submit(self._drop, chunk_name(cid))
+
+    def _drop(self, name):
+        """On a worker thread: count an unused chunk, remove it if allowed."""
+        size = self.store.size(name) or 0
+        if self.may_delete:
+            self.store.delete(name)
+        with self.deleters.mutex:
+            self.unused[0] += 1
+            self.unused[1] += size
+            if self.may_delete:
+                self.removed[0] += 1
+                self.removed[1] += size
+
+    def _leftover(self, name):
+        self.leftovers += 1
+        if self.mode & CLEAN:
+            self._remove(name)
+
+    def _remove(self, name):
+        self.removed[1] += self.store.size(name) or 0
+        self.store.delete(name)
+        self.removed[0] += 1
+
+    def _manifests_and_leftovers(self):
+        live = {manifest_name(mid) for mid in self.manifests}
+        for name in list(self.store.list("manifests")):
+            if TMP in name:
+                self._leftover(name)
+            elif name not in live:
+                self.unused_manifests += 1
+                if self.mode & CLEAN:
+                    self._remove(name)
+        for name in list(self.store.list("", recursive=False)):
+            if TMP in name:
+                self._leftover(name)
+
+    def report(self):
+        out = [REPORT.pack(BAD_MANIFEST, n, 1, 0, 0) for n in sorted(self.bad)]
+        for n in range(len(self.manifests)):
+            if self.missing[n]:
+                out.append(REPORT.pack(MISSING, n, self.missing[n], 0, 0))
+            if self.damaged[n]:
+                out.append(REPORT.pack(DAMAGED, n, self.damaged[n], 0, 0))
+        if self.mode & WHOLE:
+            out += [REPORT.pack(UNUSED_CHUNKS, 0, self.unused[0], self.unused[1], 0),
+                    REPORT.pack(UNUSED_MANIFESTS, 0, self.unused_manifests, 0, 0),
+                    REPORT.pack(LEFTOVERS, 0, self.leftovers, 0, 0)]
+        if self.mode & SIZES:
+            out += [REPORT.pack(GROUP, g, *fig) for g, fig in enumerate(self.group)]
+        out.append(REPORT.pack(TOTAL, 0, *self.total))
+        if self.mode & CLEAN:
+            out.append(REPORT.pack(REMOVED, 0, self.removed[0], self.removed[1], 0))
+        return out

@@ -1,0 +1,22 @@
+"""The time dom0 stamps on sessions and roots, and test-only hooks.
+
+``QVM_WYNG_TEST_NOW`` (Unix seconds) replaces the clock, so that tests can
+make sessions at chosen times.  ``QVM_WYNG_TEST_CRASH=LABEL`` SIGKILLs the
+process at the point named LABEL, ``QVM_WYNG_TEST_PAUSE=LABEL`` stops there
+until killed.  All three are for tests only: unset, they do nothing.
+"""
+import os
+import signal
+import time
+
+
+def now():
+    fixed = os.environ.get("QVM_WYNG_TEST_NOW")
+    return int(fixed) if fixed else int(time.time())
+
+
+def point(label):
+    if os.environ.get("QVM_WYNG_TEST_CRASH") == label:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("QVM_WYNG_TEST_PAUSE") == label:
+        time.sleep(3600)

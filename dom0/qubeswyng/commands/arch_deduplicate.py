@@ -1,0 +1,48 @@
+"""arch-deduplicate: how much dedup and compression save.
+
+Dedup is always on (a chunk is stored once, whatever volume or session
+uses it), so there is nothing to do; this reports, per volume and for the
+archive, the logical bytes (the sizes of all sessions, and the chunk data
+their manifests list) against the bytes stored for them.
+"""
+import json
+
+from .. import archive as A
+from ..archive import Archive
+from ..progress import size
+
+
+def run(opts, app):
+    archive = Archive(opts, app).open()
+    try:
+        vols = archive.root["volumes"]
+        items = archive.manifests()
+        number = {id(v): g for g, v in enumerate(vols)}
+        groups = [number[id(v)] for v, _i in items]
+        records = archive.scan(A.SCAN_SIZES, items, groups) if items else []
+    finally:
+        archive.close()
+    cs = archive.chunk_size
+    figures = {r[1]: r[2:] for r in records if r[0] == A.GROUP and r[1] < len(vols)}
+    total = next((r[2:] for r in records if r[0] == A.TOTAL), (0, 0, 0))
+    rows = []
+    for g, vol in enumerate(vols):
+        refs, distinct, stored = figures.get(g, (0, 0, 0))
+        rows.append({"volume": vol["name"], "sessions": len(vol["sessions"]),
+                     "logical_bytes": sum(s["size"] for s in vol["sessions"]),
+                     "listed_bytes": refs * cs, "chunks": distinct, "stored_bytes": stored})
+    whole = {"logical_bytes": sum(r["logical_bytes"] for r in rows),
+             "listed_bytes": sum(r["listed_bytes"] for r in rows),
+             "chunks": total[0], "stored_bytes": total[1]}
+    if opts.json:
+        print(json.dumps({"volumes": rows, "archive": whole}, indent=1))
+        return 0
+    print("%-32s %8s %12s %12s %12s %7s" % ("volume", "sessions", "logical", "listed", "stored", "ratio"))
+    for r in rows + [dict(whole, volume="(archive)", sessions=sum(r["sessions"] for r in rows))]:
+        print("%-32s %8d %12s %12s %12s %6.1fx" % (
+            r["volume"], r["sessions"], size(r["logical_bytes"]), size(r["listed_bytes"]),
+            size(r["stored_bytes"]), r["logical_bytes"] / max(r["stored_bytes"], 1)))
+    if not opts.quiet:
+        print("logical: all sessions' sizes; listed: chunk data their manifests list; "
+              "stored: distinct chunks as stored (deduplicated, compressed, encrypted)")
+    return 0

@@ -1,0 +1,164 @@
+"""prune: remove sessions and reclaim their space (doc/lifecycle.md).
+
+Chunk data is never rewritten.  Each run of removed sessions is folded into
+the next kept session: its manifest is rewritten as the union of the run's
+entries and its own (its own winning, cut to its size), after dom0 verified
+every manifest it merges.  Then the root is committed and the agent's
+garbage collector removes what no session uses any more.  The newest
+session of a volume is never removed.
+"""
+import re
+
+from ..archive import Archive
+from ..clock import now, point
+from ..errors import Fail
+from ..manifest import ChunkMap, chunk_count
+from ..progress import size
+from . import SESSION_RE, chosen_volumes
+
+DAY = 86400
+APDAYS = re.compile(r"^(\d{1,5}):(\d{1,5}):(\d{1,5}):(\d{1,5})$")
+
+
+# -- which sessions ------------------------------------------------------------
+
+def _resolve(vol, spec, last):
+    """The session name a range end stands for: a date-time as given, a
+    ^TAG the first (or ``last``) session carrying it; None if no session does."""
+    if not spec.startswith("^"):
+        if not SESSION_RE.match(spec):
+            raise Fail("--session: %r is not YYYYMMDD-HHMMSS or ^TAG" % spec)
+        return spec
+    tagged = [s["name"] for s in vol["sessions"] if spec[1:] in s.get("tags", {})]
+    return (tagged[-1] if last else tagged[0]) if tagged else None
+
+
+def _matches(ses, spec):
+    return spec[1:] in ses.get("tags", {}) if spec.startswith("^") else ses["name"] == spec
+
+
+def by_session(opts, vol):
+    """Indexes --session (with --all-before) selects in ``vol``: one date-time
+    or every session with a tag; an inclusive range; or all before a point."""
+    specs = opts.session.split(",")
+    names = [s["name"] for s in vol["sessions"]]
+    if len(specs) > 2 or not all(specs) or (opts.all_before and len(specs) != 1):
+        raise Fail("--session takes SESSION or FIRST,LAST (one only with --all-before)")
+    if opts.all_before:
+        end = _resolve(vol, specs[0], last=True)
+        return {i for i, n in enumerate(names) if end and n < end}
+    if len(specs) == 1:
+        _resolve(vol, specs[0], last=True)  # checks the form
+        return {i for i, s in enumerate(vol["sessions"]) if _matches(s, specs[0])}
+    first, last = _resolve(vol, specs[0], last=False), _resolve(vol, specs[1], last=True)
+    return {i for i, n in enumerate(names) if first and last and first <= n <= last}
+
+
+def parse_apdays(spec):
+    m = APDAYS.match(spec or "0:62:1:2")
+    if not m or int(m.group(3)) < 1 or int(m.group(4)) < 1:
+        raise Fail("--apdays takes A:B:C:D, whole days and sessions, C and D at least 1")
+    return tuple(int(x) for x in m.groups())
+
+
+def by_age(mode, apdays, vol, when):
+    """Indexes autoprune removes: every session older than A days (A > 0);
+    with on/full, sessions older than B days are thinned to the newest D
+    (on: 2·D) of each C-day window (windows counted in UTC days)."""
+    a, b, c, d = apdays
+    sessions = vol["sessions"]
+    chosen = {i for i, s in enumerate(sessions) if a and when - s["time"] > a * DAY}
+    if mode in ("on", "full"):
+        keep, windows = d if mode == "full" else 2 * d, {}
+        for i, s in enumerate(sessions):
+            if i not in chosen and when - s["time"] > b * DAY:
+                windows.setdefault(s["time"] // (c * DAY), []).append(i)
+        for members in windows.values():
+            chosen.update(members[:-keep])
+    return chosen
+
+
+def plan(opts, vols, autoprune=None, by_spec=True):
+    """[(volume, indexes to remove)]: the selection (--session unless not
+    ``by_spec``, autoprune) minus --keep and the newest session."""
+    out = []
+    for vol in vols:
+        chosen = by_session(opts, vol) if opts.session and by_spec else set()
+        if autoprune and autoprune != "off":
+            chosen |= by_age(autoprune, parse_apdays(opts.apdays), vol, now())
+        for spec in opts.keep:
+            _resolve(vol, spec, last=True)
+            chosen -= {i for i, s in enumerate(vol["sessions"]) if _matches(s, spec)}
+        chosen.discard(len(vol["sessions"]) - 1)
+        if chosen:
+            out.append((vol, sorted(chosen)))
+    return out
+
+
+# -- removing them -------------------------------------------------------------
+
+def remove(archive, removals):
+    """Fold, commit, collect.  Returns (objects, bytes) the collector removed."""
+    if not removals:
+        return 0, 0
+    archive.mark_garbage()
+    point("dom0:prune-marked")
+    for vol, gone in removals:
+        _fold(archive, vol, set(gone))
+    archive.commit()
+    return archive.collect()
+
+
+def _fold(archive, vol, gone):
+    sessions, kept, run = vol["sessions"], [], []
+    for i, ses in enumerate(sessions):
+        if i in gone:
+            run.append(i)
+            continue
+        if run:
+            old_mac = bytes.fromhex(ses["mac"])
+            ses = _merge(archive, vol, run, i, kept[-1]["name"] if kept else "")
+            if i == len(sessions) - 1:  # the newest map is unchanged: keep dom0's copy
+                cached = archive.meta.load_map(vol["id"], old_mac)
+                if cached is not None:
+                    archive.meta.save_map(vol["id"], bytes.fromhex(ses["mac"]), cached)
+            run = []
+        kept.append(ses)
+    vol["sessions"] = kept
+
+
+def _merge(archive, vol, run, i, parent):
+    """The manifest of session ``i`` with the removed ``run`` before it
+    folded in: 32 bytes and a bit per chunk of session ``i``."""
+    nxt = vol["sessions"][i]
+    count = chunk_count(nxt["size"], archive.chunk_size)
+    ids, listed, n = ChunkMap(count), bytearray((count + 7) // 8), 0
+    for j in run + [i]:
+        for index, cid in archive.read_manifest(vol, j):
+            if index < count:
+                ids[index] = cid
+                bit = 1 << (index & 7)
+                n += not listed[index >> 3] & bit
+                listed[index >> 3] |= bit
+    entries = ((x, ids[x]) for x in range(count) if listed[x >> 3] >> (x & 7) & 1)
+    record = {k: nxt[k] for k in ("name", "time", "size", "tags")}
+    return archive.write_manifest(vol, record, parent, n, entries)
+
+
+def run(opts, app):
+    if not opts.session and opts.autoprune in (None, "off"):
+        raise Fail("prune needs --session=SESSION[,SESSION] or --autoprune=on|min|full")
+    parse_apdays(opts.apdays)
+    archive = Archive(opts, app).open(write=True)
+    try:
+        removals = plan(opts, chosen_volumes(opts, archive), opts.autoprune)
+        names = [(vol["name"], [vol["sessions"][i]["name"] for i in gone]) for vol, gone in removals]
+        objects, freed = remove(archive, removals)
+    finally:
+        archive.close()
+    if not opts.quiet:
+        for name, gone in names:
+            print("%s: removed %d session%s: %s" % (name, len(gone), "s"[:len(gone) != 1], " ".join(gone)))
+        print("pruned %d sessions; %d objects (%s) reclaimed" % (
+            sum(len(g) for _n, g in names), objects, size(freed)) if names else "no sessions to prune")
+    return 0

@@ -1,0 +1,23 @@
+"""rename: give an archive volume another name (its data stays as it is)."""
+from ..archive import Archive
+from ..errors import Fail
+from . import volume_name
+
+
+def run(opts, app):
+    if len(opts.volumes) != 2:
+        raise Fail("rename takes OLD NEW")
+    old, new = opts.volumes[0], volume_name(opts.volumes[1])
+    archive = Archive(opts, app).open(write=True)
+    try:
+        vol = archive.require_volume(old)
+        if archive.volume(new):
+            raise Fail("volume %r is already in the archive" % new)
+        vol["name"] = new
+        archive.root["volumes"].sort(key=lambda v: v["name"])
+        archive.commit()
+    finally:
+        archive.close()
+    if not opts.quiet:
+        print("renamed %s to %s" % (old, new))
+    return 0
