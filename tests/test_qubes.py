@@ -503,3 +503,17 @@ def test_volume_without_the_records_session_is_refused(dom0, system, tmp_path):
     newest = dom0.sessions("qubes/work/settings")[-1]
     _refused(dom0, system, "work: volume private has no session %s in the archive" % newest)
     dom0.run("restore", "work", "--rename-to=work2", "--settings-only")  # the settings alone are whole
+
+
+
+def test_prune_and_delete_take_qube_names(dom0, system):
+    """A qube name stands for all of its volumes in prune and delete too."""
+    dom0.run("backup", "work")
+    dom0.run("backup", "work", "--tag=second")
+    volumes = ["qubes/work/private", "qubes/work/settings"]
+    assert all(len(dom0.sessions(v)) == 2 for v in volumes)
+    dom0.run("prune", "work", "--all-before", "--session=^second")
+    assert all(len(dom0.sessions(v)) == 1 for v in volumes)
+    dom0.run("delete", "work", "-u")
+    names = [v["name"] for v in json.loads(dom0.run("list", "--json").out)["volumes"]]
+    assert not [n for n in names if n.startswith("qubes/work/")]

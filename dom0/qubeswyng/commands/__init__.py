@@ -3,6 +3,7 @@ Helpers shared by several commands live here."""
 import re
 
 from ..errors import Fail
+from ..settings import resolve
 
 SESSION_RE = re.compile(r"^\d{8}-\d{6}$")
 
@@ -41,15 +42,15 @@ def pick_session(opts, vol):
 
 
 def chosen_volumes(opts, archive, default_all=False):
-    """The volumes named on the command line, or all with --all (or when
-    none are named and ``default_all``)."""
+    """The volumes named on the command line (a qube name stands for all its
+    volumes), or all with --all (or when none are named and ``default_all``)."""
     if opts.volumes and opts.all:
         raise Fail("%s: name volumes or give --all, not both" % opts.command)
     if opts.all or (default_all and not opts.volumes):
         return archive.root["volumes"][:]
     if not opts.volumes:
         raise Fail("%s: name the volumes, or give --all" % opts.command)
-    return [archive.require_volume(name) for name in opts.volumes]
+    return [archive.require_volume(name) for name in resolve(archive, opts.volumes)]
 
 
 def confirm(opts, question):

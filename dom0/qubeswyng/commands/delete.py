@@ -9,6 +9,7 @@ from ..archive import Archive
 from ..clock import point
 from ..errors import Fail
 from ..progress import size
+from ..settings import resolve
 from . import confirm
 
 
@@ -18,7 +19,7 @@ def run(opts, app):
     confirm(opts, "Delete %s and all of its sessions from the archive?" % ", ".join(opts.volumes))
     archive = Archive(opts, app).open(write=True)
     try:
-        vols = [archive.require_volume(name) for name in opts.volumes]
+        vols = [archive.require_volume(name) for name in resolve(archive, opts.volumes)]
         archive.mark_garbage()
         for vol in vols:
             archive.root["volumes"].remove(vol)
