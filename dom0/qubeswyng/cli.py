@@ -10,7 +10,7 @@ import sys
 import traceback
 
 from . import __version__
-from .commands import arch_init, list as list_cmd, receive, send
+from .commands import arch_init, delete, diff, list as list_cmd, monitor, receive, send
 from .errors import Fail
 
 META_DIR = "/var/lib/qubes-wyng"
@@ -27,13 +27,20 @@ COMMANDS = {
     "arch-init": (arch_init.run, "", "create a new archive at --dest",
                   ["dest", "encrypt", "compression", "hashtype", "chunk-factor", "passcmd"]),
     "send": (send.run, "[VOLUME ...]", "back up volumes as a new session (incremental when possible)",
-             ["dest", "import-other-from", "tag", "send-unchanged", "json", "passcmd", "authmin"]),
+             ["dest", "local", "import-other-from", "tag", "send-unchanged", "json", "passcmd", "authmin"]),
     "receive": (receive.run, "VOLUME", "restore a volume's session",
-                ["dest", "save-to", "session", "session-strict", "passcmd", "authmin"]),
+                ["dest", "local", "save-to", "overwrite", "session", "session-strict", "passcmd", "authmin"]),
     "verify": (receive.run_verify, "VOLUME", "check that a volume's session restores intact",
                ["dest", "session", "session-strict", "passcmd", "authmin"]),
     "list": (list_cmd.run, "[VOLUME ...]", "list the volumes, or the sessions of volumes",
              ["dest", "json", "passcmd", "authmin"]),
+    "monitor": (monitor.run, "[VOLUME ...|--all]",
+                "note the changes since the last send and renew the snapshots (no archive needed)",
+                ["local", "all"]),
+    "diff": (diff.run, "VOLUME ...", "compare local volumes with their archived session (exit 3: they differ)",
+             ["dest", "local", "session", "session-strict", "json", "passcmd", "authmin"]),
+    "delete": (delete.run, "--clean [--all]", "remove local snapshots and metadata; the archive is untouched",
+               ["dest", "local", "clean", "all", "passcmd", "authmin"]),
     "version": (version, "", "print the version", []),
 }
 
@@ -43,6 +50,11 @@ OPTIONS = {
     "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG", help="the session to use (newest if not given)")),
     "session-strict": (None, dict(choices=("on", "off"), default="on",
                                   help="off: take the next older session when --session does not match")),
+    "local": (None, dict(metavar="VG/POOL|/DIR", help="the pool volumes live in: an LVM thin pool, or a "
+                         "directory on Btrfs or XFS (volume names are paths relative to it)")),
+    "all": ("-a", dict(action="store_true", help="every volume (monitor); every archive (delete --clean)")),
+    "clean": (None, dict(action="store_true", help="delete: remove local snapshots and metadata only")),
+    "overwrite": (None, dict(action="store_true", help="receive --local: restore over an existing volume")),
     "save-to": (None, dict(metavar="PATH", help="receive into this file or block device")),
     "import-other-from": (None, dict(action="append", default=[], metavar="VOLUME:|:PATH",
                                      help="send the file or block device PATH as VOLUME (read in full)")),
