@@ -82,9 +82,6 @@ class Volume:
     def _lv(self, lv):
         return "%s/%s" % (self.vg, lv)
 
-    def _refresh(self):
-        self.lvs = report(self.vg)
-
     def snapshot_name(self, archive_id, slot):
         return "%s.qwyng-%s.%s" % (self.name, archive_id.hex()[:16], slot)
 
@@ -93,9 +90,9 @@ class Volume:
                 if self.ident(n, archive_id)]
 
     def take(self, snap, archive_id):
-        run("lvcreate", "-y", "-s", "-pr", "-ky", "--addtag", TAG + archive_id.hex(), "-n", snap,
+        run("lvcreate", "-y", "-s", "-pr", "-ky", "-K", "-ay", "--addtag", TAG + archive_id.hex(), "-n", snap,
             self._lv(self.name))
-        self._refresh()
+        self.lvs = report(self.vg)
         return self.ident(snap, archive_id)
 
     def ident(self, snap, archive_id):
@@ -156,9 +153,8 @@ class Volume:
         run("lvchange", "-an", self._lv(snap))
 
     def remove(self, snap):
-        if snap in self.lvs:
+        if self.lvs.pop(snap, None):
             run("lvremove", "-f", self._lv(snap))
-            self._refresh()
 
     def receive_path(self, size, overwrite):
         """receive --local: an existing volume is written over in place (with

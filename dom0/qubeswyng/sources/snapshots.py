@@ -67,15 +67,8 @@ class Rotation:
             raise
         state = meta.load_json(*self.file) or {}
         here = (state.get("local"), state.get("name")) == (volume.local, volume.name)
-        self.records = state.get("records", []) if here else []
+        self.records = state.get("records", []) if here else []  # records of another pool do not count
         self.chunk_size = state.get("chunk_size")
-        if state and not here:  # sent from another pool before: drop those snapshots
-            try:
-                gone = open_source(state["local"], state["name"], create=True)
-                for snap in gone.snapshots(self.aid):
-                    gone.remove(snap)
-            except (Fail, OSError, KeyError):
-                pass
         self.new = self.reader = None
         self.kept = False
 
@@ -253,21 +246,17 @@ def _fold(rot):
 
 
 def clean_local(opts, archive_id=None):
-    """delete --clean: remove this tool's snapshots and local metadata of
-    one archive (of all with None), and its snapshots found under --local
-    if given.  root-seen stays: it is what detects a rolled-back archive.
-    Returns the snapshots removed."""
+    """delete --clean: remove this tool's snapshots of one archive (of all
+    with None) from every pool it has records for and from --local, then
+    its records and cached maps.  root-seen stays: it is what detects a
+    rolled-back archive.  Returns the snapshots removed."""
+    pools = {state.get("local") for _meta, _vid, state in states(opts.meta_dir, archive_id)} | {opts.local}
     removed = []
-    for meta, _vid, state in list(states(opts.meta_dir, archive_id)):
+    for local in sorted(p for p in pools if isinstance(p, str)):
         try:
-            volume = open_source(state["local"], state["name"], create=True)
-            for snap in volume.snapshots(meta.archive_id):
-                volume.remove(snap)
-                removed.append(snap)
-        except (Fail, KeyError, TypeError) as e:
-            notice(opts, "could not clean %s: %s" % (state.get("name"), e))
-    if opts.local:
-        removed += backend(opts.local).clean(opts.local, archive_id)
+            removed += backend(local).clean(local, archive_id)
+        except (Fail, OSError) as e:
+            notice(opts, "could not clean %s: %s" % (local, e))
     for meta in archives(opts.meta_dir, archive_id):
         for sub in ("snapshots", "maps"):
             shutil.rmtree(os.path.join(meta.dir, sub), ignore_errors=True)
