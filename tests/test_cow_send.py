@@ -4,6 +4,7 @@ byte for byte.  Also monitor, diff, receive --local, delete --clean and the
 rules for snapshots that cannot be trusted."""
 import json
 import os
+import random
 import subprocess
 
 import pytest
@@ -30,7 +31,7 @@ class Local:
 
     def make(self, size, data=((0, None),), seed=1):
         """A sparse file with random bytes in the (offset, length) pieces."""
-        rnd = __import__("random").Random(seed)
+        rnd = random.Random(seed)
         with open(self.path, "wb") as f:
             f.truncate(size)
             for offset, length in data:
