@@ -44,7 +44,7 @@ def sources(opts):
         for name, path in wanted:
             opened.append((name, ImageSource(path)))
         for name in local:
-            opened.append((name, send_source(opts, name)))
+            opened.append((name, send_source(opts, opts.local, name)))
     except Fail:
         for _n, src in opened:
             src.close()

@@ -175,9 +175,9 @@ class SnapshotSource:
             self.rotation.close()
 
 
-def send_source(opts, name):
-    """The source send uses for volume ``name`` of --local."""
-    volume = open_source(opts.local, name)
+def send_source(opts, local, name):
+    """The source send uses for volume ``name`` of pool ``local``."""
+    volume = open_source(local, name)
     if volume.nodatacow:
         notice(opts, "%s: a No_COW file (chattr +C) has no reliable extent map: reading all of it" % volume.path)
         return volume.reader()
