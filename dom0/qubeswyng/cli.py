@@ -10,8 +10,8 @@ import sys
 import traceback
 
 from . import __version__, config
-from .commands import (add, arch_check, arch_deduplicate, arch_init, backup, delete, list as list_cmd, prune,
-                       receive, rename, restore, send)
+from .commands import (add, arch_check, arch_deduplicate, arch_init, backup, delete, diff, list as list_cmd,
+                       monitor, prune, receive, rename, restore, send)
 from .errors import Fail
 
 META_DIR = "/var/lib/qubes-wyng"
@@ -28,10 +28,10 @@ COMMANDS = {
     "arch-init": (arch_init.run, "", "create a new archive at --dest",
                   ["dest", "encrypt", "compression", "hashtype", "chunk-factor", "passcmd"]),
     "send": (send.run, "[VOLUME ...]", "back up volumes as a new session (incremental when possible)",
-             ["dest", "import-other-from", "tag", "send-unchanged", "autoprune", "apdays", "keep", "json",
+             ["dest", "local", "import-other-from", "tag", "send-unchanged", "autoprune", "apdays", "keep", "json",
               "passcmd", "authmin"]),
     "receive": (receive.run, "VOLUME", "restore a volume's session",
-                ["dest", "save-to", "session", "session-strict", "passcmd", "authmin"]),
+                ["dest", "local", "save-to", "overwrite", "session", "session-strict", "passcmd", "authmin"]),
     "verify": (receive.run_verify, "VOLUME|VMNAME ...", "check that volumes' (or qubes') sessions restore intact",
                ["dest", "session", "session-strict", "passcmd", "authmin"]),
     "list": (list_cmd.run, "[VOLUME ...]", "list the volumes, or the sessions of volumes",
@@ -41,10 +41,17 @@ COMMANDS = {
     "restore": (restore.run, "[VMNAME ...|--all]", "restore qubes from their backup, creating missing ones",
                 ["dest", "all", "exclude", "session", "rename-to", "pool", "settings-only", "data-only",
                  "passcmd", "authmin"]),
+    "monitor": (monitor.run, "[VOLUME ...|--all]",
+                "note the changes since the last send and renew the snapshots (no archive needed)",
+                ["local", "all"]),
+    "diff": (diff.run, "VOLUME ...", "compare local volumes with their archived session (exit 3: they differ)",
+             ["dest", "local", "session", "session-strict", "json", "passcmd", "authmin"]),
     "prune": (prune.run, "[VOLUME ...|--all]", "remove sessions and reclaim their space (never the newest)",
               ["dest", "all", "session", "all-before", "keep", "autoprune", "apdays", "passcmd", "authmin"]),
-    "delete": (delete.run, "VOLUME ...", "remove volumes and all their sessions from the archive",
-               ["dest", "passcmd", "authmin"]),
+    "delete": (delete.run, "VOLUME ...|--clean [--all]",
+               "remove volumes and all their sessions from the archive; with --clean, remove only this "
+               "tool's local snapshots and metadata (the archive is untouched)",
+               ["dest", "local", "clean", "all", "passcmd", "authmin"]),
     "rename": (rename.run, "OLD NEW", "rename a volume in the archive", ["dest", "passcmd", "authmin"]),
     "add": (add.run, "VOLUME ...", "add volume names without sessions", ["dest", "passcmd", "authmin"]),
     "arch-check": (arch_check.run, "[VOLUME ...]",
@@ -61,8 +68,9 @@ OPTIONS = {
     "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG[,...]",
                            help="the session to use (newest if not given); prune: one, every one tagged, "
                                 "or an inclusive range FIRST,LAST; arch-check: newest, or one and all older")),
-    "all": ("-a", dict(action="store_true", help="every volume of the archive; backup: every qube with "
-                                                "include_in_backups; restore: every qube in the archive")),
+    "all": ("-a", dict(action="store_true", help="every volume (of the archive; monitor: of --local); backup: "
+                                                "every qube with include_in_backups; restore: every qube in the "
+                                                "archive; delete --clean: every archive's local metadata")),
     "all-before": (None, dict(action="store_true", help="prune every session before --session")),
     "keep": (None, dict(action="append", default=[], metavar="YYYYMMDD-HHMMSS|^TAG",
                         help="never prune this session, or sessions with this tag; repeat for more")),
@@ -71,9 +79,13 @@ OPTIONS = {
                                   "with send only when the destination is short of space")),
     "apdays": (None, dict(metavar="A:B:C:D", help="autoprune: remove all sessions older than A days "
                           "(0: never), thin sessions older than B days to D per C days (default 0:62:1:2)")),
-    "clean": (None, dict(action="store_true", help="arch-check: remove objects no session uses")),
+    "clean": (None, dict(action="store_true", help="arch-check: remove objects no session uses; "
+                                                  "delete: remove local snapshots and metadata only")),
     "session-strict": (None, dict(choices=("on", "off"), default="on",
                                   help="off: take the next older session when --session does not match")),
+    "local": (None, dict(metavar="VG/POOL|/DIR", help="the pool volumes live in: an LVM thin pool, or a "
+                         "directory on Btrfs or XFS (volume names are paths relative to it)")),
+    "overwrite": (None, dict(action="store_true", help="receive --local: restore over an existing volume")),
     "save-to": (None, dict(metavar="PATH", help="receive into this file or block device")),
     "import-other-from": (None, dict(action="append", default=[], metavar="VOLUME:|:PATH",
                                      help="send the file or block device PATH as VOLUME (read in full)")),

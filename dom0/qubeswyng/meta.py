@@ -6,6 +6,8 @@ Per archive id:
 - ``maps/<volume id>``: the chunk map of a volume's newest session, keyed
   by that session's manifest MAC, so that a send need not fetch and merge
   the manifest chain when nothing else wrote to the archive in between.
+- ``snapshots/<volume id>.json`` (and ``.lock``): which local snapshot
+  stands for which session, and changes since (sources/snapshots.py).
 Everything here is written atomically; losing it costs speed, never safety
 (except root-seen, which is what rollback detection remembers).
 """
@@ -21,6 +23,7 @@ MAP_MAGIC = b"QWYNGMAP"
 
 class Meta:
     def __init__(self, meta_dir, archive_id):
+        self.archive_id = archive_id
         self.dir = os.path.join(meta_dir, archive_id.hex())
 
     def _path(self, *names):
@@ -46,6 +49,16 @@ class Meta:
 
     def save_seen(self, seq, mac):
         self._write(self._path("root-seen"), [json.dumps({"seq": seq, "mac": mac.hex()}).encode()])
+
+    def load_json(self, *names):
+        try:
+            with open(self._path(*names)) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def save_json(self, value, *names):
+        self._write(self._path(*names), [json.dumps(value).encode()])
 
     def load_map(self, volume_id, head_mac):
         try:

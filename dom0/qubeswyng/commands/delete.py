@@ -1,21 +1,29 @@
-"""delete: remove volumes and every session of them from the archive.
+"""delete: remove volumes and every session of them from the archive; or,
+with --clean, only this tool's local snapshots and metadata.
 
-The agent first records that garbage is due, then the root without the
-volumes is committed, then the collector removes their manifests and the
-chunks no other volume uses.  Interrupted anywhere, the next writer
-finishes the collection (doc/lifecycle.md).
+Deleting from the archive: the agent first records that garbage is due,
+then the root without the volumes is committed, then the collector removes
+their manifests and the chunks no other volume uses.  Interrupted anywhere,
+the next writer finishes the collection (doc/lifecycle.md).
+
+--clean removes the local data of the archive at --dest (or with --all of
+every archive), and with --local also the snapshots found in that pool; the
+archive is not touched (doc/sources.md).
 """
 from ..archive import Archive
 from ..clock import point
 from ..errors import Fail
 from ..progress import size
 from ..settings import resolve
+from ..sources.snapshots import clean_local
 from . import confirm
 
 
 def run(opts, app):
+    if opts.clean:
+        return clean(opts, app)
     if not opts.volumes:
-        raise Fail("delete: name the volumes to delete")
+        raise Fail("delete: name the volumes to delete (or --clean for local metadata)")
     confirm(opts, "Delete %s and all of its sessions from the archive?" % ", ".join(opts.volumes))
     archive = Archive(opts, app).open(write=True)
     try:
@@ -31,4 +39,19 @@ def run(opts, app):
         archive.close()
     if not opts.quiet:
         print("deleted %s; %d objects (%s) reclaimed" % (", ".join(opts.volumes), objects, size(freed)))
+    return 0
+
+
+def clean(opts, app):
+    if not opts.all and not opts.dest:
+        raise Fail("delete --clean: give --dest (that archive's local data) or --all")
+    archive_id = None
+    if not opts.all:
+        archive = Archive(opts, app).open()
+        archive_id = archive.header.archive_id
+        archive.close()
+    removed = clean_local(opts, archive_id)
+    if not opts.quiet:
+        print("removed %d snapshots and the local metadata of %s" % (
+            len(removed), "every archive" if opts.all else "archive %s" % archive_id.hex()))
     return 0

@@ -4,18 +4,27 @@ The manifest chain is verified and merged first (nothing is written before
 every MAC matched); then every chunk is fetched and checked against its
 keyed id before it is written.  A regular file is written to a temporary
 name beside the target and renamed into place only when all of it checked
-out, so a failed restore never leaves a file that looks complete.
+out, so a failed restore never leaves a file that looks complete.  A block
+device is discarded first and zero chunks are written only where it does
+not already read as zeros (a thin volume stays thin).  With --local the
+pool gives the target (sources: ``receive_path``).
 """
+import fcntl
 import os
 import secrets
 import stat
+import struct
 
 from ..archive import Archive
 from ..errors import Fail
 from ..manifest import ZERO
 from ..progress import Progress, size
 from ..settings import resolve
+from ..sources import open_source
 from . import pick_session
+
+BLKDISCARD = 0x1277
+ZEROS = bytes(1 << 22)
 
 
 class FileTarget:
@@ -35,10 +44,14 @@ class FileTarget:
         try:
             if self.device:
                 self.temp = None
-                self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 if os.lseek(self.fd, 0, os.SEEK_END) < size:
                     os.close(self.fd)
                     raise Fail("%s: device is smaller than the volume (%d bytes)" % (path, size))
+                try:
+                    fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("=QQ", 0, size & ~4095))
+                except OSError:
+                    pass  # no discard: the zero chunks are written
             else:
                 folder, base = os.path.split(os.path.abspath(path))
                 self.temp = os.path.join(folder, ".%s.qwyng-%s" % (base, secrets.token_hex(4)))
@@ -48,6 +61,8 @@ class FileTarget:
             raise Fail("%s: %s" % (path, e.strerror)) from None
 
     def write(self, offset, data):
+        if self.device and data == ZEROS[:len(data)] and os.pread(self.fd, len(data), offset) == data:
+            return
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
@@ -98,23 +113,35 @@ def _load(opts, app):
 
 
 def run(opts, app):
-    if not opts.save_to:
-        raise Fail("receive needs --save-to=PATH")
+    if not opts.save_to and not opts.local:
+        raise Fail("receive needs --save-to=PATH or --local=POOL")
     archive, vol, ses, chunk_map = _load(opts, app)
     try:
-        target = FileTarget(opts.save_to, ses["size"])
+        path, commit, abort = opts.save_to, None, None
+        if not path:
+            path, commit, abort = open_source(opts.local, vol["name"], create=True).receive_path(
+                ses["size"], opts.overwrite)
         try:
-            fetched = restore(archive, chunk_map, ses["size"], target.write, opts, vol["name"],
-                              zeros_needed=target.device)
-            target.finish()
+            target = FileTarget(path, ses["size"])
+            try:
+                fetched = restore(archive, chunk_map, ses["size"], target.write, opts, vol["name"],
+                                  zeros_needed=target.device)
+                target.finish()
+            except BaseException:
+                target.abort()
+                raise
+            if commit:
+                commit()
         except BaseException:
-            target.abort()
+            if abort:
+                abort()
             raise
     finally:
         archive.close()
     if not opts.quiet:
         print("%s: session %s received to %s (%s, %d chunks)" % (
-            vol["name"], ses["name"], opts.save_to, size(ses["size"]), fetched))
+            vol["name"], ses["name"], path if opts.save_to else "%s in %s" % (vol["name"], opts.local),
+            size(ses["size"]), fetched))
     return 0
 
 

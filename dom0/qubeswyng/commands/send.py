@@ -1,9 +1,11 @@
 """send: back up volumes as a new session.
 
-Each volume's source yields its chunks; a chunk whose id differs from the
-parent session's map is listed in the new delta manifest and, unless it is
-zeros, sent to the agent (which stores it once, whatever volume it is in).
-The root is committed once, after every volume's manifest is stored.
+Each volume's source yields its chunks (with --local, only those its
+snapshots say may have changed: sources/snapshots.py); a chunk whose id
+differs from the parent session's map is listed in the new delta manifest
+and, unless it is zeros, sent to the agent (which stores it once, whatever
+volume it is in).  The root is committed once, after every volume's
+manifest is stored; sources rotate their snapshots around that commit.
 """
 import json
 import time
@@ -14,6 +16,7 @@ from ..errors import Fail
 from ..manifest import ZERO, chunk_count
 from ..progress import Progress, notice, size
 from ..sources.image import ImageSource
+from ..sources.snapshots import send_source
 from . import prune, volume_name
 
 IMPORT_SEP = ":|:"
@@ -28,18 +31,21 @@ def sources(opts):
         if not sep or not path:
             raise Fail("--import-other-from takes VOLUME:|:PATH, not %r" % spec)
         wanted.append((volume_name(name), path))
-    if opts.volumes:
+    if opts.volumes and not opts.local:
         raise Fail("send needs --local for volume names (%s); for a plain file or device use "
                    "--import-other-from=NAME:|:PATH" % ", ".join(opts.volumes))
-    if not wanted:
+    local = [volume_name(n) for n in opts.volumes]
+    if not wanted and not local:
         raise Fail("send: no volumes given")
-    names = [n for n, _p in wanted]
+    names = [n for n, _p in wanted] + local
     if len(set(names)) != len(names):
         raise Fail("send: a volume is named twice")
     opened = []
     try:
         for name, path in wanted:
             opened.append((name, ImageSource(path)))
+        for name in local:
+            opened.append((name, send_source(opts, opts.local, name)))
     except Fail:
         for _n, src in opened:
             src.close()
@@ -74,15 +80,16 @@ def send_volume(archive, name, source, session, tags, opts):
     cs, keys = archive.chunk_size, archive.keys
     chunk_map = archive.chunk_map(vol, cached=True)
     old_count, old_size = len(chunk_map), (vol["sessions"][-1]["size"] if vol["sessions"] else None)
-    count = chunk_count(source.size, cs)
+    reader, wanted = source.begin(archive, vol, chunk_map)
+    count = chunk_count(reader.size, cs)
     chunk_map.resize(count)
     changed = bytearray((count + 7) // 8)
     zero = memoryview(bytes(cs))
-    st = {"volume": name, "chunks_scanned": count, "chunks_read": 0, "chunks_changed": 0,
-          "chunks_sent": 0, "bytes_read": 0, "bytes_sent": 0}
-    progress = Progress(opts, name, source.size)
+    st = {"volume": name, "incremental": wanted is not None, "chunks_scanned": count, "chunks_read": 0,
+          "chunks_changed": 0, "chunks_sent": 0, "bytes_read": 0, "bytes_sent": 0}
+    progress = Progress(opts, name, reader.size)
     before = archive.agent_stats()
-    for index, data in source.chunks(cs):
+    for index, data in reader.chunks(cs, wanted):
         if data is None:
             cid = ZERO
         else:
@@ -102,11 +109,11 @@ def send_volume(archive, name, source, session, tags, opts):
     after = archive.agent_stats()
     st["chunks_deduplicated"] = after[1] - before[1]
     st["bytes_stored"] = after[3] - before[3]
-    if st["chunks_changed"] == 0 and source.size == old_size and not opts.send_unchanged:
+    if st["chunks_changed"] == 0 and reader.size == old_size and not opts.send_unchanged:
         st["session"] = None
         return st, None
     entries = ((i, chunk_map[i]) for i in range(count) if changed[i >> 3] & (1 << (i & 7)))
-    ses = {"name": session[0], "time": session[1], "size": source.size, "tags": tags}
+    ses = {"name": session[0], "time": session[1], "size": reader.size, "tags": tags}
     archive.write_manifest(vol, ses, vol["sessions"][-1]["name"] if vol["sessions"] else "",
                            st["chunks_changed"], entries)
     vol["sessions"].append(ses)
@@ -129,10 +136,15 @@ def run(opts, app, targets=None):
             results.append(st)
             if added:
                 new.append(added)
+        heads = [(src, (archive.volume(n)["sessions"] or [{}])[-1].get("mac")) for n, src in targets]
+        for src, mac in heads:
+            src.pending(mac)
         if new:
             archive.commit()
             for vol, ses, chunk_map in new:
                 archive.meta.save_map(vol["id"], bytes.fromhex(ses["mac"]), chunk_map)
+        for src, mac in heads:
+            src.done(mac)
     finally:
         archive.close()
         for _n, src in targets:
@@ -170,6 +182,7 @@ def report(opts, results):
                 st["volume"], st["session"], st["chunks_changed"], st["chunks_scanned"],
                 size(st["bytes_sent"])))
         if opts.verbose:
-            print("  read %d chunks (%s), sent %d, deduplicated %d, stored %s" % (
-                st["chunks_read"], size(st["bytes_read"]), st["chunks_sent"],
+            print("  %s: read %d chunks (%s), sent %d, deduplicated %d, stored %s" % (
+                "incremental" if st["incremental"] else "in full", st["chunks_read"], size(st["bytes_read"]),
+                st["chunks_sent"],
                 st["chunks_deduplicated"], size(st["bytes_stored"])))

@@ -32,6 +32,16 @@ class ImageSource:
     def close(self):
         os.close(self.fd)
 
+    # send's source interface (sources/snapshots.py): an image has no
+    # snapshots, so every chunk is read and compared
+    def begin(self, _archive, _vol, _chunk_map):
+        return self, None
+
+    def pending(self, _mac):
+        pass
+
+    done = pending
+
     def data_ranges(self):
         """(start, end) byte ranges that may hold data, in order."""
         pos = 0

@@ -11,14 +11,20 @@ This holds only while the old snapshot exists, unmodified, from the moment
 it was cloned until the new map is read: its references are what keep its
 blocks from being freed and reused for other data.  So read both maps when
 comparing, never keep an old map for later.  See doc/reflink.md.
+
+``Volume`` is the reflink source: a volume file of a --local directory,
+its snapshots beside it and the chunks changed between two of them.
 """
 import contextlib
 import errno
 import fcntl
 import os
+import re
+import stat
 import struct
 
 from ..errors import Fail
+from .image import ImageSource
 
 
 def _ioc(direction, kind, nr, size):
@@ -200,3 +206,108 @@ def is_nodatacow(fd):
             return False  # no attributes at all
         raise Fail("cannot read file attributes: %s" % e.strerror) from None
     return bool(struct.unpack_from("i", buf)[0] & FS_NOCOW_FL)
+
+
+# -- the source: a volume file and its snapshots (doc/sources.md) --------------
+
+SNAPSHOT = re.compile(r"^\.(.+)\.qwyng-([0-9a-f]{16})\.(tick|tock)$")
+
+
+class Volume:
+    """``<local>/<name>``; snapshots are ``.<file>.qwyng-<archive>.tick|tock``
+    beside it (same filesystem), read-only and owned by us."""
+    nodatacow = False
+
+    def __init__(self, local, name, create=False):
+        self.local, self.name, self.path = local, name, os.path.join(local, name)
+        self.dir, self.base = os.path.split(self.path)
+        if not os.path.isdir(local):
+            raise Fail("--local=%s: no such directory" % local)
+        if create:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            raise Fail("%s: %s" % (self.path, e.strerror)) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Fail("%s: not a regular file" % self.path)
+            self.size, self.nodatacow = st.st_size, is_nodatacow(fd)
+        finally:
+            os.close(fd)
+
+    def snapshot_name(self, archive_id, slot):
+        return ".%s.qwyng-%s.%s" % (self.base, archive_id.hex()[:16], slot)
+
+    def snapshots(self, archive_id):
+        return [n for n in (self.snapshot_name(archive_id, s) for s in ("tick", "tock"))
+                if os.path.lexists(os.path.join(self.dir, n))]
+
+    def take(self, snap, archive_id):
+        clone(self.path, os.path.join(self.dir, snap))
+        return self.ident(snap, archive_id)
+
+    def ident(self, snap, _archive_id):
+        """What must not change while a snapshot is kept: a read-only regular
+        file of ours with this inode, size, mtime and ctime (a write or
+        chmod changes ctime, which nothing can set back); None if absent."""
+        try:
+            st = os.lstat(os.path.join(self.dir, snap))
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o400 \
+                or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            return None
+        return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def delta(self, old, new, chunk_size):
+        """Chunk runs where snapshot ``new`` may differ from ``old`` (records
+        with "snap"), from both extent maps read now; the old map is read
+        again after the new one, so a relocation in between (balance) is
+        seen and the reading repeated.  None: no safe answer."""
+        fds = [os.open(os.path.join(self.dir, r["snap"]), os.O_RDONLY | os.O_CLOEXEC) for r in (old, new)]
+        try:
+            a, b = map(os.fstat, fds)
+            if a.st_dev != b.st_dev or any(map(is_nodatacow, fds)):
+                return None
+            for _attempt in range(3):
+                old_map, new_map = extent_map(fds[0]), extent_map(fds[1])
+                if extent_map(fds[0]) == old_map:
+                    return [(s // chunk_size, -(-e // chunk_size))
+                            for s, e in changed_ranges(old_map, new_map, a.st_size, b.st_size)]
+            return None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def reader(self, snap=None):
+        return ImageSource(os.path.join(self.dir, snap) if snap else self.path)
+
+    def release(self, snap):
+        pass
+
+    def remove(self, snap):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.dir, snap))
+
+    def receive_path(self, size, overwrite):
+        """receive --local: the receiver writes a temporary file beside it
+        and renames it into place; an existing file only with --overwrite."""
+        if os.path.lexists(self.path) and not overwrite:
+            raise Fail("%s exists: give --overwrite to replace it" % self.path)
+        os.makedirs(self.dir, exist_ok=True)
+        return self.path, None, None
+
+
+def clean(local, archive_id=None):
+    """Remove our snapshots under ``local`` (of one archive, or of all);
+    returns their paths."""
+    removed = []
+    for folder, _dirs, files in os.walk(local):
+        for name in files:
+            m = SNAPSHOT.match(name)
+            if m and (archive_id is None or m.group(2) == archive_id.hex()[:16]):
+                os.unlink(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return removed

@@ -1,0 +1,257 @@
+"""Snapshot rotation, change maps and local clean-up: the rules both
+snapshot sources share (doc/sources.md).
+
+For each archive and volume id dom0 keeps ``snapshots/<volume id>.json``
+under --meta-dir: the pool (--local), the volume name, the archive's chunk
+size and records ``{"mac", "snap", "ident", "size", "changed"}``.  A record
+says: snapshot ``snap`` (identity ``ident``, ``size`` bytes) holds the
+session whose manifest MAC is ``mac``, except perhaps in the chunk runs
+``changed``.  A send uses a record only when ``mac`` is the archive's head
+for the volume and the snapshot is still there, ours and unchanged;
+otherwise it reads the whole new snapshot and compares every chunk id
+with the verified map.  State is written before snapshots are removed, so
+a kill at any moment leaves a record that is true, or none.
+"""
+import fcntl
+import os
+import shutil
+
+from ..clock import point
+from ..errors import Fail
+from ..manifest import chunk_count
+from ..meta import Meta
+from ..progress import notice
+from . import backend, open_source
+
+SLOTS = ("tick", "tock")
+
+
+def merge(runs):
+    """Sorted, disjoint [start, stop] chunk runs covering ``runs``."""
+    out = []
+    for start, stop in sorted(map(tuple, runs)):
+        if start >= stop:
+            continue
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], stop)
+        else:
+            out.append([start, stop])
+    return out
+
+
+def size_runs(old, new, chunk_size):
+    """Chunks whose length or existence differs between the two sizes."""
+    return [] if old == new else [(min(old, new) // chunk_size, chunk_count(new, chunk_size))]
+
+
+class Rotation:
+    """The snapshots of one local volume for one archive volume, under a
+    lock that send waits for and monitor does not (BlockingIOError)."""
+
+    def __init__(self, volume, meta, vid, wait=True):
+        self.volume, self.meta, self.aid = volume, meta, meta.archive_id
+        self.file = ("snapshots", vid + ".json")
+        os.makedirs(os.path.join(meta.dir, "snapshots"), mode=0o700, exist_ok=True)
+        self.lock = os.open(os.path.join(meta.dir, "snapshots", vid + ".lock"),
+                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BaseException:
+            os.close(self.lock)
+            raise
+        state = meta.load_json(*self.file) or {}
+        here = (state.get("local"), state.get("name")) == (volume.local, volume.name)
+        self.records = state.get("records", []) if here else []  # records of another pool do not count
+        self.chunk_size = state.get("chunk_size")
+        self.new = self.reader = None
+        self.kept = False
+
+    def current(self, mac):
+        """The record for session ``mac`` whose snapshot is present, ours
+        and unchanged; None if there is none."""
+        for rec in self.records:
+            try:
+                if rec["mac"] == mac and rec["ident"] and self.volume.ident(rec["snap"], self.aid) == rec["ident"]:
+                    return rec
+            except (KeyError, TypeError):
+                pass
+        return None
+
+    def _remove_others(self, keep):
+        for snap in self.volume.snapshots(self.aid):
+            if snap != keep:
+                self.volume.remove(snap)
+
+    def start(self, keep):
+        """Remove our other snapshots of the volume and take a new one in
+        the slot that record ``keep`` (or None) does not use; its reader."""
+        keep = keep["snap"] if keep else None
+        self._remove_others(keep)
+        snap = next(n for n in (self.volume.snapshot_name(self.aid, s) for s in SLOTS) if n != keep)
+        self.new = {"snap": snap, "ident": self.volume.take(snap, self.aid)}
+        if not self.new["ident"]:
+            raise Fail("%s: the new snapshot %s is not as made" % (self.volume.name, snap))
+        point("cow-after-snapshot")
+        self.reader = self.volume.reader(snap)
+        self.new["size"] = self.reader.size
+        return self.reader
+
+    def changes(self, rec, chunk_size):
+        """Chunk runs where the new snapshot may differ from record ``rec``'s
+        session, or None if the snapshots cannot be compared."""
+        runs = self.volume.delta(rec, self.new, chunk_size)
+        if runs is None:
+            return None
+        return merge(runs + rec["changed"] + size_runs(rec["size"], self.new["size"], chunk_size))
+
+    def save(self, records, chunk_size):
+        self.meta.save_json({"local": self.volume.local, "name": self.volume.name, "chunk_size": chunk_size,
+                             "records": records}, *self.file)
+
+    def keep(self, mac, chunk_size, changed=()):
+        """Record the new snapshot as session ``mac`` (None: there is no
+        session, keep nothing), then remove the other snapshots."""
+        if mac is not None:
+            self.save([dict(self.new, mac=mac, changed=list(changed))], chunk_size)
+            self.kept = True
+            point("cow-after-record")
+            self._remove_others(self.new["snap"])
+
+    def close(self):
+        """Release the lock; remove the new snapshot unless it was kept
+        (deactivate it if it was).  A leftover is removed next time."""
+        try:
+            if self.reader:
+                self.reader.close()
+            if self.new:
+                (self.volume.release if self.kept else self.volume.remove)(self.new["snap"])
+        except Fail:
+            pass
+        finally:
+            os.close(self.lock)
+
+
+class SnapshotSource:
+    """send's view of a snapshot source: ``begin`` takes the new snapshot
+    and names the chunks to read (None: all), ``pending`` runs before the
+    archive commit, ``done`` after it, ``close`` always."""
+
+    def __init__(self, volume):
+        self.volume, self.rotation, self.head, self.chunk_size = volume, None, None, None
+
+    def begin(self, archive, vol, chunk_map):
+        cs, sessions = archive.chunk_size, vol["sessions"]
+        self.chunk_size = cs
+        self.rotation = rot = Rotation(self.volume, archive.meta, vol["id"])
+        self.head = rot.current(sessions[-1]["mac"]) if sessions else None
+        reader = rot.start(self.head)
+        runs = rot.changes(self.head, cs) if self.head else None
+        if runs is None:
+            return reader, None
+        count = chunk_count(reader.size, cs)
+        runs = merge(runs + size_runs(sessions[-1]["size"], reader.size, cs) + [(len(chunk_map), count)])
+        return reader, (i for start, stop in runs for i in range(start, min(stop, count)))
+
+    def pending(self, mac):
+        """Before the commit: the new snapshot will stand for ``mac`` if the
+        commit lands; the old record stays true if it does not."""
+        if mac:
+            self.rotation.save([r for r in (self.head,) if r] + [dict(self.rotation.new, mac=mac, changed=[])],
+                               self.chunk_size)
+        point("cow-before-commit")
+
+    def done(self, mac):
+        point("cow-after-commit")
+        self.rotation.keep(mac, self.chunk_size)
+
+    def close(self):
+        if self.rotation:
+            self.rotation.close()
+
+
+def send_source(opts, local, name):
+    """The source send uses for volume ``name`` of pool ``local``."""
+    volume = open_source(local, name)
+    if volume.nodatacow:
+        notice(opts, "%s: a No_COW file (chattr +C) has no reliable extent map: reading all of it" % volume.path)
+        return volume.reader()
+    return SnapshotSource(volume)
+
+
+def archives(meta_dir, archive_id=None):
+    """Meta of every archive folder under ``meta_dir`` (or of one)."""
+    try:
+        folders = sorted(os.listdir(meta_dir))
+    except FileNotFoundError:
+        return []
+    return [Meta(meta_dir, bytes.fromhex(f)) for f in folders if len(f) == 32 and not f.strip("0123456789abcdef")
+            and (archive_id is None or f == archive_id.hex())]
+
+
+def states(meta_dir, archive_id=None):
+    """(Meta, volume id, state) of every snapshot state under ``meta_dir``."""
+    for meta in archives(meta_dir, archive_id):
+        try:
+            names = sorted(os.listdir(os.path.join(meta.dir, "snapshots")))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            state = meta.load_json("snapshots", name) if name.endswith(".json") else None
+            if isinstance(state, dict):
+                yield meta, name[:-5], state
+
+
+def monitor(opts, names=None):
+    """Fold the changes since the last send into each volume's change map
+    and replace its snapshot with a new one.  Returns (volume, chunks now
+    pending, or why it was left alone) for the volumes of --local."""
+    out = []
+    for meta, vid, state in list(states(opts.meta_dir)):
+        name = state.get("name")
+        if state.get("local") != opts.local or names is not None and name not in names:
+            continue
+        try:
+            rot = Rotation(open_source(opts.local, name), meta, vid, wait=False)
+        except BlockingIOError:
+            out.append((name, "busy: a send is running"))
+            continue
+        except Fail as e:
+            out.append((name, str(e)))
+            continue
+        try:
+            out.append((name, _fold(rot)))
+        finally:
+            rot.close()
+    return out
+
+
+def _fold(rot):
+    if len(rot.records) != 1:
+        return "an interrupted send left two snapshots: send it first"
+    rec = rot.current(rot.records[0].get("mac"))
+    if not rec:
+        return "its snapshot is gone or was changed: the next send reads it all"
+    rot.start(rec)
+    runs = rot.changes(rec, rot.chunk_size)
+    if runs is None:
+        return "the snapshots cannot be compared now: kept the old one"
+    rot.keep(rec["mac"], rot.chunk_size, runs)
+    return sum(stop - start for start, stop in runs)
+
+
+def clean_local(opts, archive_id=None):
+    """delete --clean: remove this tool's snapshots of one archive (of all
+    with None) from every pool it has records for and from --local, then
+    its records and cached maps.  root-seen stays: it is what detects a
+    rolled-back archive.  Returns the snapshots removed."""
+    pools = {state.get("local") for _meta, _vid, state in states(opts.meta_dir, archive_id)} | {opts.local}
+    removed = []
+    for local in sorted(p for p in pools if isinstance(p, str)):
+        try:
+            removed += backend(local).clean(local, archive_id)
+        except (Fail, OSError) as e:
+            notice(opts, "could not clean %s: %s" % (local, e))
+    for meta in archives(opts.meta_dir, archive_id):
+        for sub in ("snapshots", "maps"):
+            shutil.rmtree(os.path.join(meta.dir, sub), ignore_errors=True)
+    return removed
