@@ -474,7 +474,7 @@ def test_verify_resolves_qube_names_and_volume_names_win(dom0, system, tmp_path)
     path.write_bytes(b"x" * 1000)
     dom0.run("send", "--import-other-from=vault:|:%s" % path)
     assert dom0.run("verify", "vault").out.startswith("vault: session")
-    assert "neither a volume nor a qube" in dom0.run("verify", "nosuch", expect=1).err
+    assert "not in the archive (as a volume or a qube)" in dom0.run("verify", "nosuch", expect=1).err
 
 
 def test_qube_on_a_btrfs_reflink_pool_round_trips(tmp_path, btrfs_mount, system):

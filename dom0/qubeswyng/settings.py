@@ -74,7 +74,7 @@ def resolve(archive, names):
     qubes, out = qubes_in(archive.root), []
     for name in names:
         if archive.volume(name) is None and name not in qubes:
-            raise Fail("%r is neither a volume nor a qube in the archive" % name)
+            raise Fail("%r is not in the archive (as a volume or a qube)" % name)
         out += [name] if archive.volume(name) else [v["name"] for _n, v in sorted(qubes[name].items())]
     return out
 
