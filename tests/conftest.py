@@ -209,6 +209,13 @@ def loop_mount(tmp_path, name, mkfs):
         image.unlink()
 
 
+@pytest.fixture(scope="session")
+def btrfs_session(tmp_path_factory):
+    """One Btrfs for a whole test session; tests use folders of their own."""
+    with loop_mount(tmp_path_factory.mktemp("btrfs-session"), "btrfs", ["mkfs.btrfs", "-q", "-f"]) as mnt:
+        yield mnt
+
+
 @pytest.fixture
 def btrfs_mount(tmp_path):
     """A mounted, empty Btrfs."""

@@ -3,16 +3,14 @@ against the qubesadmin double (tests/qubes_double.py); the agent is the real
 qubes-rpc/wyng.Agent, run by the double's run_service in sys-backup."""
 import io
 import json
-import os
 import shutil
-import struct
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
 from conftest import AGENT, PASS, REPO
 from images import digest
-from qubes_double import MiB, DoubleError, FilePool, LvmPool, QubesDouble, Rule, build_system, scribble
+from qubes_double import MiB, FilePool, LvmPool, QubesDouble, Rule, build_system, scribble
 from qubeswyng import cli, settings
 
 LIAR = REPO / "tests" / "lying_agent.py"
@@ -74,8 +72,12 @@ def timestamps(app):
 
 
 @pytest.fixture
-def system(tmp_path):
-    return build_system(QubesDouble(tmp_path / "dom0"))
+def system(tmp_path, btrfs_session):
+    """The double, its default file-reflink pool on Btrfs as in a Qubes
+    install, so backups take real reflink snapshots."""
+    pool = btrfs_session / tmp_path.name
+    yield build_system(QubesDouble(tmp_path / "dom0", pool_dir=pool))
+    shutil.rmtree(pool, ignore_errors=True)
 
 
 @pytest.fixture
@@ -435,18 +437,35 @@ def test_record_schema_refuses_anything_dom0_does_not_write(record_change, words
 
 def test_pool_drivers_map_to_the_committed_data(tmp_path, system):
     from qubeswyng import qubes
+    opts = cli.parse(["backup", "--quiet"])
     work = system.domains["work"]
-    src = qubes.volume_source(system, work, "private")
-    assert src.path == str(tmp_path / "dom0" / "pool" / "appvms" / "work" / "private.img") and src.size == 1 * MiB + 4096
+    src = qubes.volume_source(system, work, "private", opts)
+    assert src.volume.path == str(system.pools["varlibqubes"].config["dir_path"]) + "/appvms/work/private.img"
+    assert src.volume.size == 1 * MiB + 4096
     src.close()
     system.add_pool(LvmPool(system, "vm-pool", "qubes_dom0", "vm-pool"))
     system.pools["vm-pool"].create = lambda vid, size: None
     thin = system.add_new_vm("AppVM", "thin", "red", template="fedora-40", pool="vm-pool")
-    with pytest.raises(settings.Fail, match="/dev/qubes_dom0/vm-thin-private: No such file"):
-        qubes.volume_source(system, thin, "private")
+    with pytest.raises(settings.Fail, match="lvs qubes_dom0: Cannot process volume group qubes_dom0"):
+        qubes.volume_source(system, thin, "private", opts)
     system.pools["vm-pool"].config["driver"] = "zfs"
     with pytest.raises(settings.Fail, match="pool vm-pool, whose driver zfs qvm-wyng cannot read"):
-        qubes.volume_source(system, thin, "private")
+        qubes.volume_source(system, thin, "private", opts)
+
+
+def test_qube_on_a_filesystem_without_reflinks_is_read_in_full(tmp_path, ext4_mount, system):
+    system.add_pool(FilePool(system, "ext4", ext4_mount / "qubes"))
+    vm = system.add_new_vm("StandaloneVM", "on-ext4", "green", pool="ext4")
+    import random
+    scribble(vm.volumes["private"], random.Random(4))
+    dom0 = Dom0(tmp_path, system)
+    dom0.init()
+    done = dom0.run("backup", "on-ext4")
+    assert "does not support reflinks; reading all of it" in done.err
+    saved = state(vm)
+    del system.domains["on-ext4"]
+    dom0.run("restore", "on-ext4", "--pool=ext4")
+    assert state(system.domains["on-ext4"]) == saved
 
 
 def test_qubes_ssh_is_parsed_and_not_supported_yet(dom0):
@@ -517,3 +536,16 @@ def test_prune_and_delete_take_qube_names(dom0, system):
     dom0.run("delete", "work", "-u")
     names = [v["name"] for v in json.loads(dom0.run("list", "--json").out)["volumes"]]
     assert not [n for n in names if n.startswith("qubes/work/")]
+
+
+def test_second_backup_reads_only_what_changed(dom0, system):
+    """The qube's file-reflink pool is on Btrfs: the second backup compares
+    snapshots and reads only the chunks the write touched."""
+    dom0.run("backup", "work")
+    vol = system.domains["work"].volumes["private"]
+    with open(vol.path, "r+b") as f:
+        f.seek(300 * 1024)
+        f.write(b"x" * 5000)  # inside the second 256 KiB chunk
+    done = json.loads(dom0.run("backup", "work", "--json").out)
+    private = next(v for v in done["volumes"] if v["volume"] == "qubes/work/private")
+    assert private["incremental"] and private["chunks_read"] == 1 and private["chunks_changed"] == 1

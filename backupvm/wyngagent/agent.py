@@ -4,7 +4,6 @@ The request/reply table is doc/PROTOCOL.md.  The agent holds no secret but
 the storage key dom0 hands it in OPEN; it never decides what a backup
 contains, it only stores, finds and returns objects.
 """
-import os
 import struct
 import sys
 

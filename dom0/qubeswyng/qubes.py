@@ -13,7 +13,8 @@ import threading
 from .errors import Fail
 from .progress import notice
 from .settings import NEVER_COPY, SETTINGS, VERSION, VM_REFS, check, encode, qube_name, volume
-from .sources.image import ImageSource
+from .sources.image import FullRead
+from .sources.snapshots import send_source
 
 RESTORING = "backup-restore-in-progress"  # qvm-backup-restore's tag for a half-restored qube
 # what Firewall.save_rules reads of each rule: its API text, ``Rule.rule``
@@ -80,30 +81,29 @@ def select(app, names, all_, exclude):
     return [vm for _n, vm in vms]
 
 
-def volume_source(app, vm, name):
-    """THE SOURCE SEAM: how dom0 reads the committed data of ``vm``'s volume
-    ``name``.  Today a full read (ImageSource) of the pool driver's path for
-    it; the copy-on-write sources replace the ImageSource here."""
+def volume_source(app, vm, name, opts):
+    """How dom0 reads the committed data of ``vm``'s volume ``name``: the
+    copy-on-write source of its pool (sources/snapshots.py), which reads
+    only what changed since the last backup to this archive."""
     vol = vm.volumes[name]
     config = app.pools[vol.pool].config
     driver = config.get("driver")
-    if driver == "lvm_thin":  # thin_pool: config["thin_pool"]
-        path = "/dev/%s/vm-%s-%s" % (config["volume_group"], vm.name, name)
-    elif driver == "file-reflink":
-        path = os.path.join(config["dir_path"], vol.vid + ".img")
-    else:
-        raise Fail("%s: volume %s is in pool %s, whose driver %s qvm-wyng cannot read" % (
-            vm.name, name, vol.pool, driver))
-    return ImageSource(path)
+    if driver == "lvm_thin":
+        return send_source(opts, "%s/%s" % (config["volume_group"], config["thin_pool"]),
+                           "vm-%s-%s" % (vm.name, name))
+    if driver == "file-reflink":
+        return send_source(opts, config["dir_path"], vol.vid + ".img")
+    raise Fail("%s: volume %s is in pool %s, whose driver %s qvm-wyng cannot read" % (
+        vm.name, name, vol.pool, driver))
 
 
-class RecordSource:
+class RecordSource(FullRead):
     """A settings record as a source: its bytes in chunks."""
 
     def __init__(self, data):
         self.data, self.size = memoryview(data), len(data)
 
-    def chunks(self, chunk_size):
+    def chunks(self, chunk_size, _wanted=None):
         for index, start in enumerate(range(0, self.size, chunk_size)):
             yield index, self.data[start:start + chunk_size]
 
@@ -120,7 +120,7 @@ def sources(app, vm, opts):
     opened = []
     try:
         for name in wanted:
-            opened.append((volume(vm.name, name), volume_source(app, vm, name)))
+            opened.append((volume(vm.name, name), volume_source(app, vm, name, opts)))
         opened.append((volume(vm.name, SETTINGS), RecordSource(encode(read_settings(vm, wanted)))))
     except BaseException:
         for _n, src in opened:

@@ -10,6 +10,11 @@ import re
 
 from ..errors import Fail
 
+class NoSnapshots(Fail):
+    """The storage cannot make snapshots (a reflink directory on a
+    filesystem without reflinks): send falls back to a full read."""
+
+
 POOL = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*/[A-Za-z0-9+_.][A-Za-z0-9+_.-]*")
 
 

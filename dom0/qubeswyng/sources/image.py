@@ -11,7 +11,20 @@ import stat
 from ..errors import Fail
 
 
-class ImageSource:
+class FullRead:
+    """send's source interface (sources/snapshots.py) for a source without
+    snapshots: every chunk is read and compared."""
+
+    def begin(self, _archive, _vol, _chunk_map):
+        return self, None
+
+    def pending(self, _mac):
+        pass
+
+    done = pending
+
+
+class ImageSource(FullRead):
     def __init__(self, path):
         self.path = path
         try:
@@ -31,16 +44,6 @@ class ImageSource:
 
     def close(self):
         os.close(self.fd)
-
-    # send's source interface (sources/snapshots.py): an image has no
-    # snapshots, so every chunk is read and compared
-    def begin(self, _archive, _vol, _chunk_map):
-        return self, None
-
-    def pending(self, _mac):
-        pass
-
-    done = pending
 
     def data_ranges(self):
         """(start, end) byte ranges that may hold data, in order."""

@@ -24,6 +24,7 @@ import stat
 import struct
 
 from ..errors import Fail
+from . import NoSnapshots
 from .image import ImageSource
 
 
@@ -95,6 +96,8 @@ def clone(src_path, dst_path):
             if not isinstance(e, OSError):
                 raise
             why = _CLONE_ERRORS.get(e.errno, e.strerror)
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
+                raise NoSnapshots(why) from None
             raise Fail("cannot reflink %s to %s: %s" % (src_path, dst_path, why)) from None
         os.close(dst)
     finally:

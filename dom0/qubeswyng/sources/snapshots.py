@@ -21,7 +21,7 @@ from ..errors import Fail
 from ..manifest import chunk_count
 from ..meta import Meta
 from ..progress import notice
-from . import backend, open_source
+from . import NoSnapshots, backend, open_source
 
 SLOTS = ("tick", "tock")
 
@@ -136,15 +136,23 @@ class SnapshotSource:
     and names the chunks to read (None: all), ``pending`` runs before the
     archive commit, ``done`` after it, ``close`` always."""
 
-    def __init__(self, volume):
-        self.volume, self.rotation, self.head, self.chunk_size = volume, None, None, None
+    def __init__(self, volume, opts):
+        self.volume, self.opts, self.rotation, self.head, self.chunk_size = volume, opts, None, None, None
+        self.reader = None
 
     def begin(self, archive, vol, chunk_map):
         cs, sessions = archive.chunk_size, vol["sessions"]
         self.chunk_size = cs
         self.rotation = rot = Rotation(self.volume, archive.meta, vol["id"])
         self.head = rot.current(sessions[-1]["mac"]) if sessions else None
-        reader = rot.start(self.head)
+        try:
+            reader = rot.start(self.head)
+        except NoSnapshots as e:
+            notice(self.opts, "%s: %s; reading all of it" % (self.volume.path, e))
+            rot.close()
+            self.rotation = None
+            self.reader = self.volume.reader()
+            return self.reader, None
         runs = rot.changes(self.head, cs) if self.head else None
         if runs is None:
             return reader, None
@@ -155,18 +163,21 @@ class SnapshotSource:
     def pending(self, mac):
         """Before the commit: the new snapshot will stand for ``mac`` if the
         commit lands; the old record stays true if it does not."""
-        if mac:
+        if mac and self.rotation:
             self.rotation.save([r for r in (self.head,) if r] + [dict(self.rotation.new, mac=mac, changed=[])],
                                self.chunk_size)
         point("cow-before-commit")
 
     def done(self, mac):
         point("cow-after-commit")
-        self.rotation.keep(mac, self.chunk_size)
+        if self.rotation:
+            self.rotation.keep(mac, self.chunk_size)
 
     def close(self):
         if self.rotation:
             self.rotation.close()
+        elif self.reader:
+            self.reader.close()
 
 
 def send_source(opts, local, name):
@@ -175,7 +186,7 @@ def send_source(opts, local, name):
     if volume.nodatacow:
         notice(opts, "%s: a No_COW file (chattr +C) has no reliable extent map: reading all of it" % volume.path)
         return volume.reader()
-    return SnapshotSource(volume)
+    return SnapshotSource(volume, opts)
 
 
 def archives(meta_dir, archive_id=None):
