@@ -13,6 +13,7 @@ from . import __version__, config
 from .commands import (add, arch_check, arch_deduplicate, arch_init, backup, delete, diff, list as list_cmd,
                        monitor, prune, receive, rename, restore, send)
 from .errors import Fail
+from .formats import CIPHERS
 
 META_DIR = "/var/lib/qubes-wyng"
 AUTH_DIR = "/run/qubes-wyng/auth"
@@ -92,12 +93,13 @@ OPTIONS = {
     "tag": (None, dict(action="append", default=[], metavar="TAG[,DESCRIPTION]",
                        help="tag the new session; repeat for more tags")),
     "send-unchanged": (None, dict(action="store_true", help="record a session for unchanged volumes too")),
-    "encrypt": (None, dict(default="xchacha20-poly1305", metavar="CIPHER",
+    "encrypt": (None, dict(default="xchacha20-poly1305", choices=CIPHERS, metavar="CIPHER",
                            help="xchacha20-poly1305 (default) or off (MACs stay on)")),
     "compression": (None, dict(default="zstd:3", metavar="TYPE[:LEVEL]",
                                help="zstd[:1-22] (default zstd:3), zlib[:0-9], bz2[:1-9] or off")),
-    "hashtype": (None, dict(default="hmac-sha256", metavar="HASH", help="chunk id hash: hmac-sha256")),
-    "chunk-factor": (None, dict(type=int, default=3, metavar="N",
+    "hashtype": (None, dict(default="hmac-sha256", choices=("hmac-sha256",), metavar="HASH",
+                            help="chunk id hash: hmac-sha256")),
+    "chunk-factor": (None, dict(type=int, default=3, choices=range(1, 7), metavar="N",
                                 help="chunk size 64 KiB * 2^(N-1), N = 1..6 (default 3: 256 KiB)")),
     "passcmd": (None, dict(metavar="COMMAND", help="shell command that prints the passphrase")),
     "authmin": (None, dict(type=int, default=2, metavar="MINUTES",
