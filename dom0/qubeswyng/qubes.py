@@ -112,21 +112,15 @@ class RecordSource(FullRead):
 
 
 def sources(app, vm, opts):
-    """(archive volume name, source) for everything a backup of ``vm`` sends:
-    its save_on_stop volumes (what qvm-backup saves), then its settings."""
+    """(archive volume name, source) for everything a backup of ``vm`` sends,
+    opened one by one (sources.open_all): its save_on_stop volumes (what
+    qvm-backup saves), then its settings."""
     wanted = sorted(n for n, v in vm.volumes.items() if v.save_on_stop)
     if wanted and vm.is_running():
         notice(opts, "%s is running: its volumes are backed up as of its last start" % vm.name)
-    opened = []
-    try:
-        for name in wanted:
-            opened.append((volume(vm.name, name), volume_source(app, vm, name, opts)))
-        opened.append((volume(vm.name, SETTINGS), RecordSource(encode(read_settings(vm, wanted)))))
-    except BaseException:
-        for _n, src in opened:
-            src.close()
-        raise
-    return opened
+    for name in wanted:
+        yield volume(vm.name, name), volume_source(app, vm, name, opts)
+    yield volume(vm.name, SETTINGS), RecordSource(encode(read_settings(vm, wanted)))
 
 
 def read_settings(vm, volumes):
