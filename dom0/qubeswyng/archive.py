@@ -5,6 +5,7 @@ master key, OPEN (hand the agent K_enc), LOCK for writers, GET_ROOT and
 check its MAC and that it is not older than the last root seen.  Nothing
 from the agent is used before its MAC or chunk id matched.
 """
+import itertools
 import os
 import struct
 
@@ -118,10 +119,7 @@ class Archive:
 
     # -- volumes and sessions --------------------------------------------------
     def volume(self, name):
-        for vol in self.root["volumes"]:
-            if vol["name"] == name:
-                return vol
-        return None
+        return next((vol for vol in self.root["volumes"] if vol["name"] == name), None)
 
     def require_volume(self, name):
         vol = self.volume(name)
@@ -198,17 +196,17 @@ class Archive:
         self.link.send(wire.PUT_CHUNK, cid, data)
 
     def fetch(self, wanted):
-        """Yield (index, data) for ``wanted`` (index, id) pairs, in order;
-        each chunk is checked against its id before it is yielded."""
-        batches, pending = _batches(wanted, FETCH_BATCH), []
-        for batch in batches:
+        """Yield (index, data) for ``wanted`` (index, id, length), in order;
+        each chunk is checked against its id before it is yielded.  A second
+        batch is asked for before the first is read, so the agent never waits."""
+        wanted, pending = iter(wanted), []
+        for batch in iter(lambda: list(itertools.islice(wanted, FETCH_BATCH)), []):
             self.link.send(wire.GET_CHUNKS, b"".join(cid for _i, cid, _n in batch))
             pending.append(batch)
-            if len(pending) < 2:
-                continue
-            yield from self._receive(pending.pop(0))
-        while pending:
-            yield from self._receive(pending.pop(0))
+            if len(pending) == 2:
+                yield from self._receive(pending.pop(0))
+        for batch in pending:
+            yield from self._receive(batch)
 
     def _receive(self, batch):
         for index, cid, length in batch:
@@ -279,8 +277,7 @@ class Archive:
         """Space left at the destination as the agent sees it, or None."""
         self.link.send(wire.GET_FREE)
         reply = self.link.reply(8)
-        free = struct.unpack(">Q", reply)[0] if len(reply) == 8 else (1 << 64) - 1
-        return None if free == (1 << 64) - 1 else free
+        return struct.unpack(">Q", reply)[0] if len(reply) == 8 and reply != b"\xff" * 8 else None
 
     def agent_stats(self):
         """The agent's counters so far: stored, deduplicated, bytes in,
@@ -301,14 +298,3 @@ class Archive:
         except Fail:
             pass
         self.link.close()
-
-
-def _batches(wanted, size):
-    batch = []
-    for item in wanted:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
