@@ -50,7 +50,8 @@ class Archive:
         self.commit()
 
     def open(self, write=False):
-        header = Header.parse(self._get_header())
+        self.link.send(wire.GET_HEADER)
+        header = Header.parse(self.link.frame((wire.DATA,), 4096)[1])
         opts = self.opts
         master = K.cached_master(opts.auth_dir, header.archive_id, opts.authmin)
         if master is None:
@@ -67,10 +68,6 @@ class Archive:
         except OSError:
             pass  # no tmpfs to remember it in: ask again next time
         return self
-
-    def _get_header(self):
-        self.link.send(wire.GET_HEADER)
-        return self.link.frame((wire.DATA,), 4096)[1]
 
     def _start(self, header, master, check=False):
         """Derive the keys and hand the agent its storage key (only after
@@ -225,7 +222,7 @@ class Archive:
         self.root["time"] = now()
         blob = seal_root(self.keys, self.root)
         point("dom0:before-root")
-        self.link.send_parts(wire.PUT_ROOT, b"", blob)
+        self.link.send_stream(wire.PUT_ROOT, b"", (blob[i:i + wire.PART] for i in range(0, len(blob), wire.PART)))
         self._stats_reply()
         self.meta.save_seen(self.root["seq"], blob[-32:])
         point("dom0:after-root")

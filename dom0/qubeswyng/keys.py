@@ -21,13 +21,9 @@ SCRYPT_DEFAULT = (16, 8, 1)
 SCRYPT_MAX_MEM = 256 << 20  # a hostile header must not make dom0 allocate more
 
 
-def scrypt_bounds_ok(log_n, r, p):
-    return 10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16 \
-        and 128 * r * (1 << log_n) <= SCRYPT_MAX_MEM and p * r <= 64
-
-
 def derive_kek(passphrase, salt, log_n, r, p):
-    if not scrypt_bounds_ok(log_n, r, p):
+    if not (10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16
+            and 128 * r * (1 << log_n) <= SCRYPT_MAX_MEM and p * r <= 64):
         raise Fail("archive header asks for scrypt parameters outside safe bounds")
     return hashlib.scrypt(passphrase, salt=salt, n=1 << log_n, r=r, p=p,
                           maxmem=SCRYPT_MAX_MEM + (1 << 20), dklen=64)

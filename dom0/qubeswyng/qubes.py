@@ -160,9 +160,8 @@ def create(app, rec, name, pool):
     return vm
 
 
-def finish(vms):
-    for vm in vms:
-        vm.tags.discard(RESTORING)
+def finish(vm):
+    vm.tags.discard(RESTORING)
 
 
 def apply_settings(app, vm, rec, refs, rename, opts):
