@@ -235,10 +235,9 @@ class Archive:
         self.link.send(wire.MARK_GARBAGE)
         self.link.reply()
 
-    def manifests(self, vols=None):
-        """[(volume, session index)] of every session of ``vols`` (all)."""
-        return [(v, i) for v in (self.root["volumes"] if vols is None else vols)
-                for i in range(len(v["sessions"]))]
+    def manifests(self):
+        """[(volume, session index)] of every session in the archive."""
+        return [(v, i) for v in self.root["volumes"] for i in range(len(v["sessions"]))]
 
     def scan(self, mode, items, groups=None):
         """Ask the agent to walk the chunks the given sessions' manifests

@@ -12,7 +12,7 @@ import traceback
 from . import __version__, config
 from .commands import (add, arch_check, arch_deduplicate, arch_init, backup, delete, diff, list as list_cmd,
                        monitor, prune, receive, rename, restore, send)
-from .errors import Fail
+from .errors import EXIT_ERROR, Fail
 from .formats import CIPHERS
 
 META_DIR = "/var/lib/qubes-wyng"
@@ -172,12 +172,12 @@ def main(args=None, app=None):
     except Fail as e:
         _debug(opts)
         print("qvm-wyng: error: %s" % e, file=sys.stderr)
-        return e.code
+        return EXIT_ERROR
     except OSError as e:
         _debug(opts)
         where = (": %s" % e.filename) if e.filename else ""
         print("qvm-wyng: error: %s%s" % (e.strerror or e, where), file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("qvm-wyng: interrupted", file=sys.stderr)
         return 130

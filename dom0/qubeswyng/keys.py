@@ -59,7 +59,6 @@ def hkdf(master, salt, info):
 
 class Keys:
     def __init__(self, master, archive_id):
-        self.master = master
         self.id = hkdf(master, archive_id, b"qubes-wyng chunk id")
         self.mac = hkdf(master, archive_id, b"qubes-wyng mac")
         self.enc = hkdf(master, archive_id, b"qubes-wyng storage encryption")

@@ -34,8 +34,6 @@ def connect(app=None):
 def _call(what, func, *args, **kwargs):
     try:
         return func(*args, **kwargs)
-    except Fail:
-        raise
     except Exception as e:  # qubesadmin.exc.*, whatever qubesd refused
         raise Fail("%s: %s" % (what, e or type(e).__name__)) from e
 
