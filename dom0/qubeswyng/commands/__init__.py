@@ -58,7 +58,7 @@ def chosen_volumes(opts, archive, default_all=False):
         return archive.root["volumes"][:]
     if not opts.volumes:
         raise Fail("%s: name the volumes, or give --all" % opts.command)
-    return [archive.require_volume(name) for name in resolve(archive, opts.volumes)]
+    return resolve(archive, opts.volumes)
 
 
 def confirm(opts, question):

@@ -144,9 +144,8 @@ def run(opts, app):
 def run_verify(opts, app):
     archive = Archive(opts, app).open()
     try:
-        for name in resolve(archive, opts.volumes):  # a qube name: all its volumes
-            vol = archive.require_volume(name)
-            index = pick_session(opts, vol)
+        for vol in resolve(archive, opts.volumes):  # a qube name: all its volumes
+            name, index = vol["name"], pick_session(opts, vol)
             ses = vol["sessions"][index]
             fetched = restore(archive, archive.chunk_map(vol, index), ses["size"], lambda _o, _d: None, opts,
                               name, zeros_needed=False)
