@@ -169,23 +169,15 @@ def main(args=None, app=None):
     try:
         opts = parse(sys.argv[1:] if args is None else args)
         return COMMANDS[opts.command][0](opts, app)
-    except Fail as e:
-        _debug(opts)
-        print("qvm-wyng: error: %s" % e, file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as e:
-        _debug(opts)
-        where = (": %s" % e.filename) if e.filename else ""
-        print("qvm-wyng: error: %s%s" % (e.strerror or e, where), file=sys.stderr)
+    except (Fail, OSError) as e:
+        if opts is not None and opts.debug:
+            traceback.print_exc()
+        message = e if isinstance(e, Fail) else "%s%s" % (e.strerror or e, (": %s" % e.filename) if e.filename else "")
+        print("qvm-wyng: error: %s" % message, file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("qvm-wyng: interrupted", file=sys.stderr)
         return 130
-
-
-def _debug(opts):
-    if opts is not None and opts.debug:
-        traceback.print_exc()
 
 
 if __name__ == "__main__":
