@@ -15,6 +15,7 @@ import sys
 import time
 
 from .errors import Fail
+from .meta import write_atomic
 
 # scrypt cost: log2(N), r, p.  64 MiB and about 0.2 s here.
 SCRYPT_DEFAULT = (16, 8, 1)
@@ -115,11 +116,5 @@ def cached_master(cache_dir, archive_id, authmin):
 
 
 def store_master(cache_dir, archive_id, master, authmin):
-    if authmin <= 0:
-        return
-    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-    path = os.path.join(cache_dir, archive_id.hex())
-    fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(CACHE.pack(time.time() + authmin * 60, master))
-    os.rename(path + ".new", path)
+    if authmin > 0:
+        write_atomic(os.path.join(cache_dir, archive_id.hex()), CACHE.pack(time.time() + authmin * 60, master))
