@@ -31,13 +31,12 @@ SCAN_OBJECTS, SCAN_WHOLE, SCAN_CLEAN, SCAN_SIZES = 1, 2, 4, 8
 class Archive:
     def __init__(self, opts, app=None):
         self.opts = opts
-        self.transport, self.path = start(opts.dest, app)
+        self.transport, path = start(opts.dest, app)
         self.link = wire.Link(self.transport)
-        self.link.send(wire.HELLO, struct.pack(">H", wire.PROTOCOL_VERSION), self.path.encode())
+        self.link.send(wire.HELLO, struct.pack(">H", wire.PROTOCOL_VERSION), path.encode())
         reply = self.link.reply(64)
         if len(reply) < 2 or struct.unpack(">H", reply[:2])[0] != wire.PROTOCOL_VERSION:
             raise wire.AgentError("the agent speaks another protocol version")
-        self.locked = self.garbage = False
 
     # -- creating and opening ----------------------------------------------
     def create(self, header, passphrase):
@@ -53,18 +52,17 @@ class Archive:
         self.link.send(wire.GET_HEADER)
         header = Header.parse(self.link.frame((wire.DATA,), 4096)[1])
         opts = self.opts
-        master = K.cached_master(opts.auth_dir, header.archive_id, opts.authmin)
+        master = K.cached_master(header.archive_id, opts.authmin)
         if master is None:
             master = header.unlock(K.read_passphrase(opts))
         self._start(header, master, check=True)
-        if write:
-            self.lock()
+        garbage = write and self.lock()
         self._load_root()
-        if write and self.garbage:
+        if garbage:
             notice(opts, "finishing an interrupted prune or delete: removing what no session uses")
             self.collect()
         try:
-            K.store_master(opts.auth_dir, header.archive_id, master, opts.authmin)
+            K.store_master(header.archive_id, master, opts.authmin)
         except OSError:
             pass  # no tmpfs to remember it in: ask again next time
         return self
@@ -82,17 +80,16 @@ class Archive:
         self.link.reply()
 
     def lock(self):
-        """Take the writer lock.  The agent's reply says whether a prune or
-        delete left garbage (a hint: collecting it is always safe) and whose
-        lock --force took over."""
+        """Take the writer lock.  The agent's reply says whose lock --force
+        took over, and whether a prune or delete left garbage (returned: a
+        hint, collecting it is always safe)."""
         owner = "qvm-wyng %s" % self.opts.command
         self.link.send(wire.LOCK, struct.pack(">IB", LOCK_TTL, bool(self.opts.force)), owner.encode())
         reply = self.link.reply(1 + 300)
         flags = reply[0] if reply else 0
         if flags & wire.LOCK_FORCED:
             notice(self.opts, "warning: --force took over the archive lock held by %s" % wire.printable(reply[1:]))
-        self.garbage = bool(flags & wire.LOCK_GARBAGE)
-        self.locked = True
+        return bool(flags & wire.LOCK_GARBAGE)
 
     def _load_root(self):
         self.link.send(wire.GET_ROOT)

@@ -16,7 +16,6 @@ from .errors import EXIT_ERROR, Fail
 from .formats import CIPHERS
 
 META_DIR = "/var/lib/qubes-wyng"
-AUTH_DIR = "/run/qubes-wyng/auth"
 
 
 def version(_opts, _app):
@@ -160,7 +159,6 @@ def parse(args):
     config.apply(opts, config.read(path, OPTIONS, required), config.given_options(parser(), args))
     if not -1 <= opts.authmin <= 60:
         raise Fail("--authmin must be -1 to 60")
-    opts.auth_dir = AUTH_DIR
     return opts
 
 

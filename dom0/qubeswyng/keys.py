@@ -98,11 +98,12 @@ def read_passphrase(opts, confirm=False):
 
 # -- the auth cache: the master key kept in tmpfs for --authmin minutes ---------
 
+AUTH_DIR = "/run/qubes-wyng/auth"
 CACHE = struct.Struct(">d32s")
 
 
-def cached_master(cache_dir, archive_id, authmin):
-    path = os.path.join(cache_dir, archive_id.hex())
+def cached_master(archive_id, authmin):
+    path = os.path.join(AUTH_DIR, archive_id.hex())
     if authmin <= 0:
         if authmin < 0 and os.path.exists(path):
             os.unlink(path)
@@ -115,6 +116,6 @@ def cached_master(cache_dir, archive_id, authmin):
     return master if time.time() < expires else None
 
 
-def store_master(cache_dir, archive_id, master, authmin):
+def store_master(archive_id, master, authmin):
     if authmin > 0:
-        write_atomic(os.path.join(cache_dir, archive_id.hex()), CACHE.pack(time.time() + authmin * 60, master))
+        write_atomic(os.path.join(AUTH_DIR, archive_id.hex()), CACHE.pack(time.time() + authmin * 60, master))

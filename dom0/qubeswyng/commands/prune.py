@@ -72,14 +72,14 @@ def by_age(mode, apdays, vol, when):
     return chosen
 
 
-def plan(opts, vols, autoprune=None, by_spec=True):
+def plan(opts, vols, by_spec=True):
     """[(volume, indexes to remove)]: the selection (--session unless not
-    ``by_spec``, autoprune) minus --keep and the newest session."""
+    ``by_spec``, --autoprune) minus --keep and the newest session."""
     out = []
     for vol in vols:
         chosen = by_session(opts, vol) if opts.session and by_spec else set()
-        if autoprune and autoprune != "off":
-            chosen |= by_age(autoprune, parse_apdays(opts.apdays), vol, now())
+        if opts.autoprune not in (None, "off"):
+            chosen |= by_age(opts.autoprune, parse_apdays(opts.apdays), vol, now())
         for spec in map(session_spec, opts.keep):
             chosen -= {i for i, s in enumerate(vol["sessions"]) if matches(s, spec)}
         chosen.discard(len(vol["sessions"]) - 1)
@@ -144,7 +144,7 @@ def run(opts, app):
     parse_apdays(opts.apdays)
     archive = Archive(opts, app).open(write=True)
     try:
-        removals = plan(opts, chosen_volumes(opts, archive), opts.autoprune)
+        removals = plan(opts, chosen_volumes(opts, archive))
         names = [(vol["name"], [vol["sessions"][i]["name"] for i in gone]) for vol, gone in removals]
         objects, freed = remove(archive, removals)
     finally:

@@ -31,7 +31,7 @@ class FileTarget:
     """--save-to: a new or replaced regular file, or an existing block device."""
 
     def __init__(self, path, size):
-        self.path, self.size = path, size
+        self.path = path
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:

@@ -154,7 +154,7 @@ def autoprune(archive, opts, targets):
         if free is None or free >= sum(src.size for _n, src in targets):
             return
     vols = [v for v in map(archive.volume, [n for n, _s in targets]) if v]
-    removals = prune.plan(opts, vols, opts.autoprune, by_spec=False)
+    removals = prune.plan(opts, vols, by_spec=False)
     objects, freed = prune.remove(archive, removals)
     for vol, gone in removals:
         notice(opts, "%s: autoprune removed %d sessions" % (vol["name"], len(gone)))
