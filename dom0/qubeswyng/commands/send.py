@@ -129,7 +129,7 @@ def run(opts, app, targets=None):
             results.append(st)
             if added:
                 new.append(added)
-        heads = [(src, (archive.volume(n)["sessions"] or [{}])[-1].get("mac")) for n, src in targets]
+        heads = [(src, archive.volume(n)["sessions"][-1]["mac"]) for n, src in targets]
         for src, mac in heads:
             src.pending(mac)
         if new:
