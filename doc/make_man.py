@@ -18,7 +18,7 @@ TOP = os.path.dirname(HERE)
 MAN = os.path.join(HERE, "qvm-wyng.1")
 sys.path.insert(0, os.path.join(TOP, "dom0"))
 
-from qubeswyng import cli, config  # noqa: E402
+from qubeswyng import cli, config, keys  # noqa: E402
 from qubeswyng.errors import EXIT_ERROR, EXIT_PARTIAL  # noqa: E402
 
 
@@ -128,7 +128,7 @@ def render():
     add(".SH FILES")
     for path, what in ((config.DEFAULT_PATH, "option defaults (all comments as installed)"),
                        (cli.META_DIR, "dom0 metadata: the last archive root seen, per archive"),
-                       (cli.AUTH_DIR, "the passphrase cache of --authmin (tmpfs, root only)"),
+                       (keys.AUTH_DIR, "the passphrase cache of --authmin (tmpfs, root only)"),
                        ("/etc/qubes/policy.d/90-qubes-wyng.policy",
                         "qrexec policy: no qube may call a wyng service in dom0 or in another qube")):
         add(".TP")

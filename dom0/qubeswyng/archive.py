@@ -5,6 +5,7 @@ master key, OPEN (hand the agent K_enc), LOCK for writers, GET_ROOT and
 check its MAC and that it is not older than the last root seen.  Nothing
 from the agent is used before its MAC or chunk id matched.
 """
+import itertools
 import os
 import struct
 
@@ -30,13 +31,12 @@ SCAN_OBJECTS, SCAN_WHOLE, SCAN_CLEAN, SCAN_SIZES = 1, 2, 4, 8
 class Archive:
     def __init__(self, opts, app=None):
         self.opts = opts
-        self.transport, self.path = start(opts.dest, app)
+        self.transport, path = start(opts.dest, app)
         self.link = wire.Link(self.transport)
-        self.link.send(wire.HELLO, struct.pack(">H", wire.PROTOCOL_VERSION), self.path.encode())
+        self.link.send(wire.HELLO, struct.pack(">H", wire.PROTOCOL_VERSION), path.encode())
         reply = self.link.reply(64)
         if len(reply) < 2 or struct.unpack(">H", reply[:2])[0] != wire.PROTOCOL_VERSION:
             raise wire.AgentError("the agent speaks another protocol version")
-        self.locked = self.garbage = False
 
     # -- creating and opening ----------------------------------------------
     def create(self, header, passphrase):
@@ -49,27 +49,23 @@ class Archive:
         self.commit()
 
     def open(self, write=False):
-        header = Header.parse(self._get_header())
+        self.link.send(wire.GET_HEADER)
+        header = Header.parse(self.link.frame((wire.DATA,), 4096)[1])
         opts = self.opts
-        master = K.cached_master(opts.auth_dir, header.archive_id, opts.authmin)
+        master = K.cached_master(header.archive_id, opts.authmin)
         if master is None:
             master = header.unlock(K.read_passphrase(opts))
         self._start(header, master, check=True)
-        if write:
-            self.lock()
+        garbage = write and self.lock()
         self._load_root()
-        if write and self.garbage:
+        if garbage:
             notice(opts, "finishing an interrupted prune or delete: removing what no session uses")
             self.collect()
         try:
-            K.store_master(opts.auth_dir, header.archive_id, master, opts.authmin)
+            K.store_master(header.archive_id, master, opts.authmin)
         except OSError:
             pass  # no tmpfs to remember it in: ask again next time
         return self
-
-    def _get_header(self):
-        self.link.send(wire.GET_HEADER)
-        return self.link.frame((wire.DATA,), 4096)[1]
 
     def _start(self, header, master, check=False):
         """Derive the keys and hand the agent its storage key (only after
@@ -84,17 +80,16 @@ class Archive:
         self.link.reply()
 
     def lock(self):
-        """Take the writer lock.  The agent's reply says whether a prune or
-        delete left garbage (a hint: collecting it is always safe) and whose
-        lock --force took over."""
+        """Take the writer lock.  The agent's reply says whose lock --force
+        took over, and whether a prune or delete left garbage (returned: a
+        hint, collecting it is always safe)."""
         owner = "qvm-wyng %s" % self.opts.command
         self.link.send(wire.LOCK, struct.pack(">IB", LOCK_TTL, bool(self.opts.force)), owner.encode())
         reply = self.link.reply(1 + 300)
         flags = reply[0] if reply else 0
         if flags & wire.LOCK_FORCED:
             notice(self.opts, "warning: --force took over the archive lock held by %s" % wire.printable(reply[1:]))
-        self.garbage = bool(flags & wire.LOCK_GARBAGE)
-        self.locked = True
+        return bool(flags & wire.LOCK_GARBAGE)
 
     def _load_root(self):
         self.link.send(wire.GET_ROOT)
@@ -118,10 +113,7 @@ class Archive:
 
     # -- volumes and sessions --------------------------------------------------
     def volume(self, name):
-        for vol in self.root["volumes"]:
-            if vol["name"] == name:
-                return vol
-        return None
+        return next((vol for vol in self.root["volumes"] if vol["name"] == name), None)
 
     def require_volume(self, name):
         vol = self.volume(name)
@@ -198,17 +190,17 @@ class Archive:
         self.link.send(wire.PUT_CHUNK, cid, data)
 
     def fetch(self, wanted):
-        """Yield (index, data) for ``wanted`` (index, id) pairs, in order;
-        each chunk is checked against its id before it is yielded."""
-        batches, pending = _batches(wanted, FETCH_BATCH), []
-        for batch in batches:
+        """Yield (index, data) for ``wanted`` (index, id, length), in order;
+        each chunk is checked against its id before it is yielded.  A second
+        batch is asked for before the first is read, so the agent never waits."""
+        wanted, pending = iter(wanted), []
+        for batch in iter(lambda: list(itertools.islice(wanted, FETCH_BATCH)), []):
             self.link.send(wire.GET_CHUNKS, b"".join(cid for _i, cid, _n in batch))
             pending.append(batch)
-            if len(pending) < 2:
-                continue
-            yield from self._receive(pending.pop(0))
-        while pending:
-            yield from self._receive(pending.pop(0))
+            if len(pending) == 2:
+                yield from self._receive(pending.pop(0))
+        for batch in pending:
+            yield from self._receive(batch)
 
     def _receive(self, batch):
         for index, cid, length in batch:
@@ -227,7 +219,7 @@ class Archive:
         self.root["time"] = now()
         blob = seal_root(self.keys, self.root)
         point("dom0:before-root")
-        self.link.send_parts(wire.PUT_ROOT, b"", blob)
+        self.link.send_stream(wire.PUT_ROOT, b"", (blob[i:i + wire.PART] for i in range(0, len(blob), wire.PART)))
         self._stats_reply()
         self.meta.save_seen(self.root["seq"], blob[-32:])
         point("dom0:after-root")
@@ -240,10 +232,9 @@ class Archive:
         self.link.send(wire.MARK_GARBAGE)
         self.link.reply()
 
-    def manifests(self, vols=None):
-        """[(volume, session index)] of every session of ``vols`` (all)."""
-        return [(v, i) for v in (self.root["volumes"] if vols is None else vols)
-                for i in range(len(v["sessions"]))]
+    def manifests(self):
+        """[(volume, session index)] of every session in the archive."""
+        return [(v, i) for v in self.root["volumes"] for i in range(len(v["sessions"]))]
 
     def scan(self, mode, items, groups=None):
         """Ask the agent to walk the chunks the given sessions' manifests
@@ -279,8 +270,7 @@ class Archive:
         """Space left at the destination as the agent sees it, or None."""
         self.link.send(wire.GET_FREE)
         reply = self.link.reply(8)
-        free = struct.unpack(">Q", reply)[0] if len(reply) == 8 else (1 << 64) - 1
-        return None if free == (1 << 64) - 1 else free
+        return struct.unpack(">Q", reply)[0] if len(reply) == 8 and reply != b"\xff" * 8 else None
 
     def agent_stats(self):
         """The agent's counters so far: stored, deduplicated, bytes in,
@@ -301,14 +291,3 @@ class Archive:
         except Fail:
             pass
         self.link.close()
-
-
-def _batches(wanted, size):
-    batch = []
-    for item in wanted:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -12,10 +12,10 @@ import traceback
 from . import __version__, config
 from .commands import (add, arch_check, arch_deduplicate, arch_init, backup, delete, diff, list as list_cmd,
                        monitor, prune, receive, rename, restore, send)
-from .errors import Fail
+from .errors import EXIT_ERROR, Fail
+from .formats import CIPHERS
 
 META_DIR = "/var/lib/qubes-wyng"
-AUTH_DIR = "/run/qubes-wyng/auth"
 
 
 def version(_opts, _app):
@@ -92,12 +92,13 @@ OPTIONS = {
     "tag": (None, dict(action="append", default=[], metavar="TAG[,DESCRIPTION]",
                        help="tag the new session; repeat for more tags")),
     "send-unchanged": (None, dict(action="store_true", help="record a session for unchanged volumes too")),
-    "encrypt": (None, dict(default="xchacha20-poly1305", metavar="CIPHER",
+    "encrypt": (None, dict(default="xchacha20-poly1305", choices=CIPHERS, metavar="CIPHER",
                            help="xchacha20-poly1305 (default) or off (MACs stay on)")),
     "compression": (None, dict(default="zstd:3", metavar="TYPE[:LEVEL]",
                                help="zstd[:1-22] (default zstd:3), zlib[:0-9], bz2[:1-9] or off")),
-    "hashtype": (None, dict(default="hmac-sha256", metavar="HASH", help="chunk id hash: hmac-sha256")),
-    "chunk-factor": (None, dict(type=int, default=3, metavar="N",
+    "hashtype": (None, dict(default="hmac-sha256", choices=("hmac-sha256",), metavar="HASH",
+                            help="chunk id hash: hmac-sha256")),
+    "chunk-factor": (None, dict(type=int, default=3, choices=range(1, 7), metavar="N",
                                 help="chunk size 64 KiB * 2^(N-1), N = 1..6 (default 3: 256 KiB)")),
     "passcmd": (None, dict(metavar="COMMAND", help="shell command that prints the passphrase")),
     "authmin": (None, dict(type=int, default=2, metavar="MINUTES",
@@ -158,7 +159,6 @@ def parse(args):
     config.apply(opts, config.read(path, OPTIONS, required), config.given_options(parser(), args))
     if not -1 <= opts.authmin <= 60:
         raise Fail("--authmin must be -1 to 60")
-    opts.auth_dir = AUTH_DIR
     return opts
 
 
@@ -167,23 +167,15 @@ def main(args=None, app=None):
     try:
         opts = parse(sys.argv[1:] if args is None else args)
         return COMMANDS[opts.command][0](opts, app)
-    except Fail as e:
-        _debug(opts)
-        print("qvm-wyng: error: %s" % e, file=sys.stderr)
-        return e.code
-    except OSError as e:
-        _debug(opts)
-        where = (": %s" % e.filename) if e.filename else ""
-        print("qvm-wyng: error: %s%s" % (e.strerror or e, where), file=sys.stderr)
-        return 1
+    except (Fail, OSError) as e:
+        if opts is not None and opts.debug:
+            traceback.print_exc()
+        message = e if isinstance(e, Fail) else "%s%s" % (e.strerror or e, (": %s" % e.filename) if e.filename else "")
+        print("qvm-wyng: error: %s" % message, file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("qvm-wyng: interrupted", file=sys.stderr)
         return 130
-
-
-def _debug(opts):
-    if opts is not None and opts.debug:
-        traceback.print_exc()
 
 
 if __name__ == "__main__":

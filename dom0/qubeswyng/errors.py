@@ -5,6 +5,4 @@ EXIT_PARTIAL = 2     # some volumes were done, some failed (each was reported)
 
 
 class Fail(Exception):
-    def __init__(self, message, code=EXIT_ERROR):
-        super().__init__(message)
-        self.code = code
+    pass

@@ -26,10 +26,6 @@ MAX_ROOT = 64 << 20
 MAC_SIZE = 32
 
 
-def chunk_size(factor):
-    return (64 << 10) << (factor - 1)
-
-
 class Header:
     """Archive settings, fixed at arch-init."""
 
@@ -38,7 +34,7 @@ class Header:
         self.archive_id, self.cipher, self.compression = archive_id, cipher, compression
         self.level, self.chunk_factor, self.kdf = level, chunk_factor, kdf
         self.salt = salt or os.urandom(32)
-        self.chunk_size = chunk_size(chunk_factor)
+        self.chunk_size = (64 << 10) << (chunk_factor - 1)
 
     def fields(self):
         return HEADER_FIELDS.pack(HEADER_MAGIC, FORMAT_VERSION, 1, *self.kdf, self.cipher,

@@ -15,19 +15,16 @@ import sys
 import time
 
 from .errors import Fail
+from .meta import write_atomic
 
 # scrypt cost: log2(N), r, p.  64 MiB and about 0.2 s here.
 SCRYPT_DEFAULT = (16, 8, 1)
 SCRYPT_MAX_MEM = 256 << 20  # a hostile header must not make dom0 allocate more
 
 
-def scrypt_bounds_ok(log_n, r, p):
-    return 10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16 \
-        and 128 * r * (1 << log_n) <= SCRYPT_MAX_MEM and p * r <= 64
-
-
 def derive_kek(passphrase, salt, log_n, r, p):
-    if not scrypt_bounds_ok(log_n, r, p):
+    if not (10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16
+            and 128 * r * (1 << log_n) <= SCRYPT_MAX_MEM and p * r <= 64):
         raise Fail("archive header asks for scrypt parameters outside safe bounds")
     return hashlib.scrypt(passphrase, salt=salt, n=1 << log_n, r=r, p=p,
                           maxmem=SCRYPT_MAX_MEM + (1 << 20), dklen=64)
@@ -63,7 +60,6 @@ def hkdf(master, salt, info):
 
 class Keys:
     def __init__(self, master, archive_id):
-        self.master = master
         self.id = hkdf(master, archive_id, b"qubes-wyng chunk id")
         self.mac = hkdf(master, archive_id, b"qubes-wyng mac")
         self.enc = hkdf(master, archive_id, b"qubes-wyng storage encryption")
@@ -102,11 +98,12 @@ def read_passphrase(opts, confirm=False):
 
 # -- the auth cache: the master key kept in tmpfs for --authmin minutes ---------
 
+AUTH_DIR = "/run/qubes-wyng/auth"
 CACHE = struct.Struct(">d32s")
 
 
-def cached_master(cache_dir, archive_id, authmin):
-    path = os.path.join(cache_dir, archive_id.hex())
+def cached_master(archive_id, authmin):
+    path = os.path.join(AUTH_DIR, archive_id.hex())
     if authmin <= 0:
         if authmin < 0 and os.path.exists(path):
             os.unlink(path)
@@ -119,12 +116,6 @@ def cached_master(cache_dir, archive_id, authmin):
     return master if time.time() < expires else None
 
 
-def store_master(cache_dir, archive_id, master, authmin):
-    if authmin <= 0:
-        return
-    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-    path = os.path.join(cache_dir, archive_id.hex())
-    fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(CACHE.pack(time.time() + authmin * 60, master))
-    os.rename(path + ".new", path)
+def store_master(archive_id, master, authmin):
+    if authmin > 0:
+        write_atomic(os.path.join(AUTH_DIR, archive_id.hex()), CACHE.pack(time.time() + authmin * 60, master))

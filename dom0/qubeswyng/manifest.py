@@ -8,6 +8,7 @@ confirms), and dom0's MAC over all of it ends the manifest.
 Every index from the parent's end to this session's end is listed, so a
 volume that shrank and grew again never shows stale chunks.
 """
+import collections
 import hashlib
 import hmac
 import struct
@@ -49,14 +50,9 @@ def chunk_count(size, chunk_size):
     return -(-size // chunk_size)
 
 
-class Head:
+class Head(collections.namedtuple("Head", "chunk_size archive_id volume_id session time size count parent")):
     """A manifest header; ``parent`` is the previous session's name ("" for
     the first session), stored NUL-padded in the 32-byte parent field."""
-
-    def __init__(self, chunk_size, archive_id, volume_id, session, time, size, count, parent):
-        self.chunk_size, self.archive_id, self.volume_id = chunk_size, archive_id, volume_id
-        self.session, self.time, self.size = session, time, size
-        self.count, self.parent = count, parent
 
     def pack(self):
         return HEAD.pack(MAGIC, 1, 0, self.chunk_size, self.archive_id, self.volume_id,

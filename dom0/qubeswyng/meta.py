@@ -21,6 +21,18 @@ MAP_HEAD = struct.Struct(">8s32sQ")
 MAP_MAGIC = b"QWYNGMAP"
 
 
+def write_atomic(path, *parts):
+    """A root-only file written through ``<path>.new``, synced and renamed
+    over ``path``: a crash leaves the old file or the new one."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with os.fdopen(os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        for part in parts:
+            f.write(part)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(path + ".new", path)
+
+
 class Meta:
     def __init__(self, meta_dir, archive_id):
         self.archive_id = archive_id
@@ -28,16 +40,6 @@ class Meta:
 
     def _path(self, *names):
         return os.path.join(self.dir, *names)
-
-    def _write(self, path, parts):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        temp = path + ".new"
-        with open(temp, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temp, path)
 
     def last_seen(self):
         try:
@@ -48,7 +50,7 @@ class Meta:
             return None
 
     def save_seen(self, seq, mac):
-        self._write(self._path("root-seen"), [json.dumps({"seq": seq, "mac": mac.hex()}).encode()])
+        write_atomic(self._path("root-seen"), json.dumps({"seq": seq, "mac": mac.hex()}).encode())
 
     def load_json(self, *names):
         try:
@@ -58,7 +60,7 @@ class Meta:
             return None
 
     def save_json(self, value, *names):
-        self._write(self._path(*names), [json.dumps(value).encode()])
+        write_atomic(self._path(*names), json.dumps(value).encode())
 
     def load_map(self, volume_id, head_mac):
         try:
@@ -72,8 +74,7 @@ class Meta:
         return ChunkMap(ids=ids) if len(ids) == 32 * count else None
 
     def save_map(self, volume_id, head_mac, chunk_map):
-        self._write(self._path("maps", volume_id),
-                    [MAP_HEAD.pack(MAP_MAGIC, head_mac, len(chunk_map)), chunk_map.ids])
+        write_atomic(self._path("maps", volume_id), MAP_HEAD.pack(MAP_MAGIC, head_mac, len(chunk_map)), chunk_map.ids)
 
     def drop_map(self, volume_id):
         try:

@@ -34,8 +34,6 @@ def connect(app=None):
 def _call(what, func, *args, **kwargs):
     try:
         return func(*args, **kwargs)
-    except Fail:
-        raise
     except Exception as e:  # qubesadmin.exc.*, whatever qubesd refused
         raise Fail("%s: %s" % (what, e or type(e).__name__)) from e
 
@@ -112,21 +110,15 @@ class RecordSource(FullRead):
 
 
 def sources(app, vm, opts):
-    """(archive volume name, source) for everything a backup of ``vm`` sends:
-    its save_on_stop volumes (what qvm-backup saves), then its settings."""
+    """(archive volume name, source) for everything a backup of ``vm`` sends,
+    opened one by one (sources.open_all): its save_on_stop volumes (what
+    qvm-backup saves), then its settings."""
     wanted = sorted(n for n, v in vm.volumes.items() if v.save_on_stop)
     if wanted and vm.is_running():
         notice(opts, "%s is running: its volumes are backed up as of its last start" % vm.name)
-    opened = []
-    try:
-        for name in wanted:
-            opened.append((volume(vm.name, name), volume_source(app, vm, name, opts)))
-        opened.append((volume(vm.name, SETTINGS), RecordSource(encode(read_settings(vm, wanted)))))
-    except BaseException:
-        for _n, src in opened:
-            src.close()
-        raise
-    return opened
+    for name in wanted:
+        yield volume(vm.name, name), volume_source(app, vm, name, opts)
+    yield volume(vm.name, SETTINGS), RecordSource(encode(read_settings(vm, wanted)))
 
 
 def read_settings(vm, volumes):
@@ -166,9 +158,8 @@ def create(app, rec, name, pool):
     return vm
 
 
-def finish(vms):
-    for vm in vms:
-        vm.tags.discard(RESTORING)
+def finish(vm):
+    vm.tags.discard(RESTORING)
 
 
 def apply_settings(app, vm, rec, refs, rename, opts):

@@ -66,16 +66,17 @@ def qubes_in(root):
 
 
 def resolve(archive, names):
-    """Archive volume names for command-line names: a volume's own name, or
-    a qube name, which stands for all of that qube's volumes (settings too).
+    """Archive volumes (records) for command-line names: a volume's own name,
+    or a qube name, which stands for all of that qube's volumes (settings too).
     A volume of that exact name wins; ``qubes/Q/V`` is always unambiguous."""
     if not names:
         raise Fail("name volumes or qubes")
     qubes, out = qubes_in(archive.root), []
     for name in names:
-        if archive.volume(name) is None and name not in qubes:
+        vol = archive.volume(name)
+        if vol is None and name not in qubes:
             raise Fail("%r is not in the archive (as a volume or a qube)" % name)
-        out += [name] if archive.volume(name) else [v["name"] for _n, v in sorted(qubes[name].items())]
+        out += [vol] if vol else [v for _n, v in sorted(qubes[name].items())]
     return out
 
 

@@ -1,9 +1,9 @@
 """Where the agent runs: a local process, or the wyng.Agent qrexec service.
 
 A transport is a process with two pipes (``stdin_fd`` for requests,
-``stdout_fd`` for replies), ``close()``, ``wait_exit()`` and
-``exit_note()``.  ``--dest`` picks it: ``file:/path`` runs the agent here
-(plain Linux, tests), ``qubes://VM/path`` runs it in the backup VM.
+``stdout_fd`` for replies), ``close()`` and ``exit_note()``.  ``--dest``
+picks it: ``file:/path`` runs the agent here (plain Linux, tests),
+``qubes://VM/path`` runs it in the backup VM.
 """
 import os
 import shutil
@@ -24,15 +24,11 @@ class ProcessTransport:
         self.stdin_fd = proc.stdin.fileno()
         self.stdout_fd = proc.stdout.fileno()
 
-    def wait_exit(self, timeout=5):
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-
     def exit_note(self):
-        code = self.proc.poll()
-        if code is None:
+        """How the agent ended, once it has (waiting a little for it)."""
+        try:
+            code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
             return ""
         if code < 0:
             return " (agent killed by %s)" % signal.Signals(-code).name

@@ -66,7 +66,7 @@ class Link:
                 if n:
                     pending[0] = memoryview(pending[0])[n:]
         except BrokenPipeError:
-            self.fail_from_agent()
+            self.frame((), 0)  # the agent said why (ERR) before it left, or died
 
     def send_stream(self, op, prefix, parts):
         """A multi-frame upload: ``prefix | last:u8 | part`` frames, the
@@ -79,15 +79,10 @@ class Link:
         self.send(op, prefix, b"\x01", current)
         return current
 
-    def send_parts(self, op, prefix, data):
-        view = memoryview(data)
-        return self.send_stream(op, prefix, (view[i:i + PART] for i in range(0, len(view), PART)))
-
     # -- receiving --------------------------------------------------------
     def _exact(self, n):
         data = self.rfile.read(n)
         if len(data) != n:
-            self.transport.wait_exit()
             raise LinkBroken("the agent closed the connection%s" % self.transport.exit_note())
         return data
 
@@ -114,10 +109,6 @@ class Link:
                 return
             total += len(data)
             yield data
-
-    def fail_from_agent(self):
-        """The pipe broke: the agent said why before leaving, or died."""
-        self.frame((), 0)
 
     def close(self):
         self.rfile.close()

@@ -16,8 +16,22 @@ def volume_name(name):
     return name
 
 
+def session_spec(spec):
+    """A --session (or --keep) value, YYYYMMDD-HHMMSS or ^TAG, checked."""
+    if not spec.startswith("^") and not SESSION_RE.match(spec):
+        raise Fail("--session: %r is not YYYYMMDD-HHMMSS or ^TAG" % spec)
+    return spec
+
+
+def matches(ses, spec):
+    """Whether session record ``ses`` is the date-time ``spec``, or carries its ^TAG."""
+    return spec[1:] in ses.get("tags", {}) if spec.startswith("^") else ses["name"] == spec
+
+
 def pick_session(opts, vol):
-    """Index of the session --session names in ``vol`` (newest if none)."""
+    """Index of the session --session names in ``vol``: the newest if none,
+    the newest with a ^TAG; with --session-strict=off a date-time that
+    matches none picks the newest session before it."""
     sessions = vol["sessions"]
     if not sessions:
         raise Fail("volume %r has no sessions" % vol["name"])
@@ -26,18 +40,12 @@ def pick_session(opts, vol):
         return len(sessions) - 1
     if "," in spec:
         raise Fail("--session: give one session here, not a range")
-    if spec.startswith("^"):
-        for i in range(len(sessions) - 1, -1, -1):
-            if spec[1:] in sessions[i].get("tags", {}):
-                return i
-        raise Fail("volume %r has no session tagged %r" % (vol["name"], spec[1:]))
-    if not SESSION_RE.match(spec):
-        raise Fail("--session: %r is not YYYYMMDD-HHMMSS or ^TAG" % spec)
+    loose = not session_spec(spec).startswith("^") and opts.session_strict == "off"
     for i in range(len(sessions) - 1, -1, -1):
-        if sessions[i]["name"] == spec:
+        if matches(sessions[i], spec) or loose and sessions[i]["name"] < spec:
             return i
-        if sessions[i]["name"] < spec and opts.session_strict == "off":
-            return i
+    if spec.startswith("^"):
+        raise Fail("volume %r has no session tagged %r" % (vol["name"], spec[1:]))
     raise Fail("volume %r has no session %s" % (vol["name"], spec))
 
 
@@ -50,7 +58,7 @@ def chosen_volumes(opts, archive, default_all=False):
         return archive.root["volumes"][:]
     if not opts.volumes:
         raise Fail("%s: name the volumes, or give --all" % opts.command)
-    return [archive.require_volume(name) for name in resolve(archive, opts.volumes)]
+    return resolve(archive, opts.volumes)
 
 
 def confirm(opts, question):

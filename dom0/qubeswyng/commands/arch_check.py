@@ -14,6 +14,12 @@ from ..progress import size
 from ..wire import LinkBroken
 from . import SESSION_RE, chosen_volumes, pick_session
 
+# what the agent's SCAN records say, as %-formats of their figures
+SESSION_PROBLEMS = {A.BAD_MANIFEST: "the agent cannot read its manifest", A.MISSING: "%(a)d chunks missing",
+                    A.DAMAGED: "%(a)d chunks damaged (fail authentication)"}
+ARCHIVE_NOTES = {A.UNUSED_CHUNKS: "%(a)d unused chunks (%(size)s)", A.UNUSED_MANIFESTS: "%(a)d unused manifests",
+                 A.LEFTOVERS: "%(a)d leftover temporary files"}
+
 
 def _indexes(opts, vol):
     """newest: the newest session; DATE or ^TAG: that one and all older."""
@@ -54,21 +60,12 @@ def run(opts, app):
         archive.close()
     notes = []
     for kind, index, a, b, c in records:
-        vol, i = items[index] if kind in (A.BAD_MANIFEST, A.MISSING, A.DAMAGED) and index < len(items) \
-            else (None, None)
-        where = (vol["name"], vol["sessions"][i]["name"]) if vol else None
-        if kind == A.BAD_MANIFEST and where:
-            problems.setdefault(where, []).append("the agent cannot read its manifest")
-        elif kind == A.MISSING and where:
-            problems.setdefault(where, []).append("%d chunks missing" % a)
-        elif kind == A.DAMAGED and where:
-            problems.setdefault(where, []).append("%d chunks damaged (fail authentication)" % a)
-        elif kind == A.UNUSED_CHUNKS and a:
-            notes.append("%d unused chunks (%s)" % (a, size(b)))
-        elif kind == A.UNUSED_MANIFESTS and a:
-            notes.append("%d unused manifests" % a)
-        elif kind == A.LEFTOVERS and a:
-            notes.append("%d leftover temporary files" % a)
+        figures = {"a": a, "size": size(b)}
+        if kind in SESSION_PROBLEMS and index < len(items):
+            vol, i = items[index]
+            problems.setdefault((vol["name"], vol["sessions"][i]["name"]), []).append(SESSION_PROBLEMS[kind] % figures)
+        elif kind in ARCHIVE_NOTES and a:
+            notes.append(ARCHIVE_NOTES[kind] % figures)
         elif kind == A.TOTAL and not opts.quiet:
             print("checked %d manifests; the agent opened %d chunks" % (len(items), c))
         elif kind == A.REMOVED and not opts.quiet:

@@ -5,20 +5,14 @@ Qubes Manager's "Last backup" is set only after the archive committed."""
 import time
 
 from .. import qubes
+from ..sources import open_all
 from . import send
 
 
 def run(opts, app):
     app = qubes.connect(app)
     vms = qubes.select(app, opts.volumes, opts.all, opts.exclude)
-    targets = []
-    try:
-        for vm in vms:
-            targets += qubes.sources(app, vm, opts)
-    except BaseException:
-        for _n, src in targets:
-            src.close()
-        raise
+    targets = open_all(pair for vm in vms for pair in qubes.sources(app, vm, opts))
     opts.send_unchanged, opts.import_other_from = True, []
     send.run(opts, app, targets)
     qubes.stamp(vms, int(time.time()))

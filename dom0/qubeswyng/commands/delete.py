@@ -27,7 +27,7 @@ def run(opts, app):
     confirm(opts, "Delete %s and all of its sessions from the archive?" % ", ".join(opts.volumes))
     archive = Archive(opts, app).open(write=True)
     try:
-        vols = [archive.require_volume(name) for name in resolve(archive, opts.volumes)]
+        vols = resolve(archive, opts.volumes)
         archive.mark_garbage()
         for vol in vols:
             archive.root["volumes"].remove(vol)

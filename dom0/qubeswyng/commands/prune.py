@@ -14,7 +14,7 @@ from ..clock import now, point
 from ..errors import Fail
 from ..manifest import ChunkMap, chunk_count
 from ..progress import size
-from . import SESSION_RE, chosen_volumes
+from . import chosen_volumes, matches, session_spec
 
 DAY = 86400
 APDAYS = re.compile(r"^(\d{1,5}):(\d{1,5}):(\d{1,5}):(\d{1,5})$")
@@ -25,16 +25,10 @@ APDAYS = re.compile(r"^(\d{1,5}):(\d{1,5}):(\d{1,5}):(\d{1,5})$")
 def _resolve(vol, spec, last):
     """The session name a range end stands for: a date-time as given, a
     ^TAG the first (or ``last``) session carrying it; None if no session does."""
-    if not spec.startswith("^"):
-        if not SESSION_RE.match(spec):
-            raise Fail("--session: %r is not YYYYMMDD-HHMMSS or ^TAG" % spec)
+    if not session_spec(spec).startswith("^"):
         return spec
-    tagged = [s["name"] for s in vol["sessions"] if spec[1:] in s.get("tags", {})]
+    tagged = [s["name"] for s in vol["sessions"] if matches(s, spec)]
     return (tagged[-1] if last else tagged[0]) if tagged else None
-
-
-def _matches(ses, spec):
-    return spec[1:] in ses.get("tags", {}) if spec.startswith("^") else ses["name"] == spec
 
 
 def by_session(opts, vol):
@@ -48,8 +42,8 @@ def by_session(opts, vol):
         end = _resolve(vol, specs[0], last=True)
         return {i for i, n in enumerate(names) if end and n < end}
     if len(specs) == 1:
-        _resolve(vol, specs[0], last=True)  # checks the form
-        return {i for i, s in enumerate(vol["sessions"]) if _matches(s, specs[0])}
+        spec = session_spec(specs[0])
+        return {i for i, s in enumerate(vol["sessions"]) if matches(s, spec)}
     first, last = _resolve(vol, specs[0], last=False), _resolve(vol, specs[1], last=True)
     return {i for i, n in enumerate(names) if first and last and first <= n <= last}
 
@@ -78,17 +72,16 @@ def by_age(mode, apdays, vol, when):
     return chosen
 
 
-def plan(opts, vols, autoprune=None, by_spec=True):
+def plan(opts, vols, by_spec=True):
     """[(volume, indexes to remove)]: the selection (--session unless not
-    ``by_spec``, autoprune) minus --keep and the newest session."""
+    ``by_spec``, --autoprune) minus --keep and the newest session."""
     out = []
     for vol in vols:
         chosen = by_session(opts, vol) if opts.session and by_spec else set()
-        if autoprune and autoprune != "off":
-            chosen |= by_age(autoprune, parse_apdays(opts.apdays), vol, now())
-        for spec in opts.keep:
-            _resolve(vol, spec, last=True)
-            chosen -= {i for i, s in enumerate(vol["sessions"]) if _matches(s, spec)}
+        if opts.autoprune not in (None, "off"):
+            chosen |= by_age(opts.autoprune, parse_apdays(opts.apdays), vol, now())
+        for spec in map(session_spec, opts.keep):
+            chosen -= {i for i, s in enumerate(vol["sessions"]) if matches(s, spec)}
         chosen.discard(len(vol["sessions"]) - 1)
         if chosen:
             out.append((vol, sorted(chosen)))
@@ -151,7 +144,7 @@ def run(opts, app):
     parse_apdays(opts.apdays)
     archive = Archive(opts, app).open(write=True)
     try:
-        removals = plan(opts, chosen_volumes(opts, archive), opts.autoprune)
+        removals = plan(opts, chosen_volumes(opts, archive))
         names = [(vol["name"], [vol["sessions"][i]["name"] for i in gone]) for vol, gone in removals]
         objects, freed = remove(archive, removals)
     finally:

@@ -31,7 +31,7 @@ class FileTarget:
     """--save-to: a new or replaced regular file, or an existing block device."""
 
     def __init__(self, path, size):
-        self.path, self.size = path, size
+        self.path = path
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:
@@ -103,20 +103,16 @@ def restore(archive, chunk_map, total, write, opts, label, zeros_needed):
     return fetched
 
 
-def _load(opts, app):
-    if len(opts.volumes) != 1:
-        raise Fail("%s: name one volume" % opts.command)
-    archive = Archive(opts, app).open()
-    vol = archive.require_volume(opts.volumes[0])
-    index = pick_session(opts, vol)
-    return archive, vol, vol["sessions"][index], archive.chunk_map(vol, index)
-
-
 def run(opts, app):
     if not opts.save_to and not opts.local:
         raise Fail("receive needs --save-to=PATH or --local=POOL")
-    archive, vol, ses, chunk_map = _load(opts, app)
+    if len(opts.volumes) != 1:
+        raise Fail("receive: name one volume")
+    archive = Archive(opts, app).open()
     try:
+        vol = archive.require_volume(opts.volumes[0])
+        index = pick_session(opts, vol)
+        ses, chunk_map = vol["sessions"][index], archive.chunk_map(vol, index)
         path, commit, abort = opts.save_to, None, None
         if not path:
             path, commit, abort = open_source(opts.local, vol["name"], create=True).receive_path(
@@ -148,9 +144,8 @@ def run(opts, app):
 def run_verify(opts, app):
     archive = Archive(opts, app).open()
     try:
-        for name in resolve(archive, opts.volumes):  # a qube name: all its volumes
-            vol = archive.require_volume(name)
-            index = pick_session(opts, vol)
+        for vol in resolve(archive, opts.volumes):  # a qube name: all its volumes
+            name, index = vol["name"], pick_session(opts, vol)
             ses = vol["sessions"][index]
             fetched = restore(archive, archive.chunk_map(vol, index), ses["size"], lambda _o, _d: None, opts,
                               name, zeros_needed=False)

@@ -106,7 +106,8 @@ def run(opts, app):
             for name, total, chunk_map, label in p.data:
                 qubes.import_volume(p.vm, name, total, lambda write: restore(
                     archive, chunk_map, total, write, opts, label, zeros_needed=False))
-            qubes.finish([p.vm] if p.created else [])
+            if p.created:
+                qubes.finish(p.vm)
             if not opts.quiet:
                 print("%s: %s from session %s%s" % (p.target, "created" if p.created else "restored", p.session,
                       "".join(", %s %s" % (n, size(t)) for n, t, _m, _l in p.data)))

@@ -7,6 +7,7 @@ and, unless it is zeros, sent to the agent (which stores it once, whatever
 volume it is in).  The root is committed once, after every volume's
 manifest is stored; sources rotate their snapshots around that commit.
 """
+import itertools
 import json
 import time
 
@@ -15,6 +16,7 @@ from ..clock import now
 from ..errors import Fail
 from ..manifest import ZERO, chunk_count
 from ..progress import Progress, notice, size
+from ..sources import open_all
 from ..sources.image import ImageSource
 from ..sources.snapshots import send_source
 from . import prune, volume_name
@@ -40,17 +42,8 @@ def sources(opts):
     names = [n for n, _p in wanted] + local
     if len(set(names)) != len(names):
         raise Fail("send: a volume is named twice")
-    opened = []
-    try:
-        for name, path in wanted:
-            opened.append((name, ImageSource(path)))
-        for name in local:
-            opened.append((name, send_source(opts, opts.local, name)))
-    except Fail:
-        for _n, src in opened:
-            src.close()
-        raise
-    return opened
+    return open_all(itertools.chain(((name, ImageSource(path)) for name, path in wanted),
+                                    ((name, send_source(opts, opts.local, name)) for name in local)))
 
 
 def session_name(archive, names):
@@ -136,7 +129,7 @@ def run(opts, app, targets=None):
             results.append(st)
             if added:
                 new.append(added)
-        heads = [(src, (archive.volume(n)["sessions"] or [{}])[-1].get("mac")) for n, src in targets]
+        heads = [(src, archive.volume(n)["sessions"][-1]["mac"]) for n, src in targets]
         for src, mac in heads:
             src.pending(mac)
         if new:
@@ -161,7 +154,7 @@ def autoprune(archive, opts, targets):
         if free is None or free >= sum(src.size for _n, src in targets):
             return
     vols = [v for v in map(archive.volume, [n for n, _s in targets]) if v]
-    removals = prune.plan(opts, vols, opts.autoprune, by_spec=False)
+    removals = prune.plan(opts, vols, by_spec=False)
     objects, freed = prune.remove(archive, removals)
     for vol, gone in removals:
         notice(opts, "%s: autoprune removed %d sessions" % (vol["name"], len(gone)))

@@ -34,3 +34,17 @@ def open_source(local, name, create=False):
     ``<local>/<name>``, ``lvm.Volume`` for the thin volume ``VG/<name>``.
     It must exist unless ``create`` (a receive target)."""
     return backend(local).Volume(local, name, create)
+
+
+def open_all(pairs):
+    """The (name, source) pairs that the iterator ``pairs`` opens, as a
+    list; if opening one fails, those already opened are closed."""
+    opened = []
+    try:
+        for pair in pairs:
+            opened.append(pair)
+    except BaseException:
+        for _n, src in opened:
+            src.close()
+        raise
+    return opened

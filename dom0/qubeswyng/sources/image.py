@@ -68,10 +68,13 @@ class ImageSource(FullRead):
         ``wanted`` (a sorted iterable of indexes) limits what is read."""
         buf = bytearray(chunk_size)
         count = -(-self.size // chunk_size)
-        data_chunks = self._data_chunks(chunk_size, count)
-        indexes = range(count) if wanted is None else wanted
-        for index in indexes:
-            if not data_chunks(index):
+        # chunk runs [first, stop) that touch data, walked forward with the indexes
+        ranges = ((start // chunk_size, -(-end // chunk_size)) for start, end in self.data_ranges())
+        first = stop = 0
+        for index in range(count) if wanted is None else wanted:
+            while index >= stop:
+                first, stop = next(ranges, (count, index + 1))
+            if index < first:
                 yield index, None
                 continue
             offset = index * chunk_size
@@ -81,18 +84,3 @@ class ImageSource(FullRead):
             if got != length:
                 raise Fail("%s: short read at byte %d (did it shrink?)" % (self.path, offset + got))
             yield index, view
-
-    def _data_chunks(self, chunk_size, count):
-        """A test index -> 'touches data', walking the ranges forward."""
-        ranges = self.data_ranges()
-        current = [None]  # (first chunk, last chunk + 1) of the current range
-
-        def test(index):
-            while current[0] is None or index >= current[0][1]:
-                nxt = next(ranges, None)
-                if nxt is None:
-                    current[0] = (count, count)
-                    return False
-                current[0] = (nxt[0] // chunk_size, -(-nxt[1] // chunk_size))
-            return index >= current[0][0]
-        return test

@@ -162,7 +162,8 @@ def changed_ranges(old_map, new_map, old_size, new_size):
     through reliable extents of the same kind (written or unwritten)."""
     limit = min(old_size, new_size)
     old, new = _segments(old_map, limit), _segments(new_map, limit)
-    cuts = sorted({0, limit}.union(*((s, e) for s, e, _k in old), *((s, e) for s, e, _k in new)))
+    # past limit (the old end) there is one piece, [limit, new_size): changed
+    cuts = sorted({0, limit, new_size}.union(*((s, e) for s, e, _k in old), *((s, e) for s, e, _k in new)))
     ranges, i, j = [], 0, 0
     for a, b in zip(cuts, cuts[1:]):
         while i < len(old) and old[i][1] <= a:
@@ -171,17 +172,12 @@ def changed_ranges(old_map, new_map, old_size, new_size):
             j += 1
         k_old = old[i][2] if i < len(old) and old[i][0] <= a else _HOLE
         k_new = new[j][2] if j < len(new) and new[j][0] <= a else _HOLE
-        if k_old is not None and k_old == k_new:
+        if b <= limit and k_old is not None and k_old == k_new:
             continue
         if ranges and ranges[-1][1] == a:
             ranges[-1] = (ranges[-1][0], b)
         else:
             ranges.append((a, b))
-    if new_size > limit:
-        if ranges and ranges[-1][1] == limit:
-            ranges[-1] = (ranges[-1][0], new_size)
-        else:
-            ranges.append((limit, new_size))
     return ranges
 
 

@@ -96,26 +96,24 @@ class Rotation:
         self.new["size"] = self.reader.size
         return self.reader
 
-    def changes(self, rec, chunk_size):
+    def changes(self, rec):
         """Chunk runs where the new snapshot may differ from record ``rec``'s
         session, or None if the snapshots cannot be compared."""
-        runs = self.volume.delta(rec, self.new, chunk_size)
+        runs = self.volume.delta(rec, self.new, self.chunk_size)
         if runs is None:
             return None
-        return merge(runs + rec["changed"] + size_runs(rec["size"], self.new["size"], chunk_size))
+        return merge(runs + rec["changed"] + size_runs(rec["size"], self.new["size"], self.chunk_size))
 
-    def save(self, records, chunk_size):
-        self.meta.save_json({"local": self.volume.local, "name": self.volume.name, "chunk_size": chunk_size,
+    def save(self, records):
+        self.meta.save_json({"local": self.volume.local, "name": self.volume.name, "chunk_size": self.chunk_size,
                              "records": records}, *self.file)
 
-    def keep(self, mac, chunk_size, changed=()):
-        """Record the new snapshot as session ``mac`` (None: there is no
-        session, keep nothing), then remove the other snapshots."""
-        if mac is not None:
-            self.save([dict(self.new, mac=mac, changed=list(changed))], chunk_size)
-            self.kept = True
-            point("cow-after-record")
-            self._remove_others(self.new["snap"])
+    def keep(self, mac, changed=()):
+        """Record the new snapshot as session ``mac``, then remove the other snapshots."""
+        self.save([dict(self.new, mac=mac, changed=list(changed))])
+        self.kept = True
+        point("cow-after-record")
+        self._remove_others(self.new["snap"])
 
     def close(self):
         """Release the lock; remove the new snapshot unless it was kept
@@ -137,13 +135,13 @@ class SnapshotSource:
     archive commit, ``done`` after it, ``close`` always."""
 
     def __init__(self, volume, opts):
-        self.volume, self.opts, self.rotation, self.head, self.chunk_size = volume, opts, None, None, None
-        self.reader = None
+        self.volume, self.opts = volume, opts
+        self.rotation = self.head = self.reader = None
 
     def begin(self, archive, vol, chunk_map):
         cs, sessions = archive.chunk_size, vol["sessions"]
-        self.chunk_size = cs
         self.rotation = rot = Rotation(self.volume, archive.meta, vol["id"])
+        rot.chunk_size = cs
         self.head = rot.current(sessions[-1]["mac"]) if sessions else None
         try:
             reader = rot.start(self.head)
@@ -153,7 +151,7 @@ class SnapshotSource:
             self.rotation = None
             self.reader = self.volume.reader()
             return self.reader, None
-        runs = rot.changes(self.head, cs) if self.head else None
+        runs = rot.changes(self.head) if self.head else None
         if runs is None:
             return reader, None
         count = chunk_count(reader.size, cs)
@@ -163,15 +161,14 @@ class SnapshotSource:
     def pending(self, mac):
         """Before the commit: the new snapshot will stand for ``mac`` if the
         commit lands; the old record stays true if it does not."""
-        if mac and self.rotation:
-            self.rotation.save([r for r in (self.head,) if r] + [dict(self.rotation.new, mac=mac, changed=[])],
-                               self.chunk_size)
+        if self.rotation:
+            self.rotation.save([r for r in (self.head,) if r] + [dict(self.rotation.new, mac=mac, changed=[])])
         point("cow-before-commit")
 
     def done(self, mac):
         point("cow-after-commit")
         if self.rotation:
-            self.rotation.keep(mac, self.chunk_size)
+            self.rotation.keep(mac)
 
     def close(self):
         if self.rotation:
@@ -243,10 +240,10 @@ def _fold(rot):
     if not rec:
         return "its snapshot is gone or was changed: the next send reads it all"
     rot.start(rec)
-    runs = rot.changes(rec, rot.chunk_size)
+    runs = rot.changes(rec)
     if runs is None:
         return "the snapshots cannot be compared now: kept the old one"
-    rot.keep(rec["mac"], rot.chunk_size, runs)
+    rot.keep(rec["mac"], runs)
     return sum(stop - start for start, stop in runs)
 
 
