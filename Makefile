@@ -19,7 +19,7 @@ TARBALL := $(BUILD)/$(NAME)-$(VERSION).tar.gz
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 # the files a source package carries
-SOURCES := version Makefile rpm_spec packaging dom0 backupvm qubes-rpc doc etc
+SOURCES := version LICENSE README.md Makefile rpm_spec packaging dom0 backupvm qubes-rpc doc etc
 
 # rpmbuild on a host without Fedora's Python RPM macros (e.g. Debian): load
 # equivalents, and do not check BuildRequires against an RPM database that
@@ -40,6 +40,7 @@ DESTDIR ?=
 SYSCONFDIR ?= /etc
 BINDIR ?= /usr/bin
 MANDIR ?= /usr/share/man
+STATEDIR ?= /var/lib
 SHEBANG ?= /usr/bin/python3
 
 CHANGELOG_DATE := $(shell LC_ALL=C date -u -d @$${SOURCE_DATE_EPOCH:-$$(git log -1 --format=%ct 2>/dev/null || date +%s)} '+%a %b %d %Y')
@@ -102,6 +103,7 @@ install-dom0:
 	install -D -m 0644 qubes-rpc/policy/90-qubes-wyng.policy \
 	    $(DESTDIR)$(SYSCONFDIR)/qubes/policy.d/90-qubes-wyng.policy
 	install -D -m 0644 doc/qvm-wyng.1 $(DESTDIR)$(MANDIR)/man1/qvm-wyng.1
+	install -d -m 0700 $(DESTDIR)$(STATEDIR)/qubes-wyng
 
 install-vm:
 	install -d $(DESTDIR)$(SYSCONFDIR)/qubes-rpc

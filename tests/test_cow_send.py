@@ -161,6 +161,23 @@ def test_monitor_folds_changes_so_the_next_send_reads_them_all(local, wyng, tmp_
     assert local.send()["chunks_read"] == 0   # the map was used up by that send
 
 
+def test_pruning_the_session_under_the_newest_keeps_the_next_send_incremental(local, wyng, tmp_path):
+    local.make(16 * MiB)
+    local.send()
+    local.write((MiB, 10))
+    local.send()
+    local.write((3 * MiB, 10))
+    local.send()
+    a = local.write((5 * MiB, 10), (9 * MiB, 10))
+    wyng.run("monitor", "--local=%s" % local.pool, NAME)
+    # the newest manifest is rewritten with its parent's changes folded in
+    wyng.run("prune", NAME, "--session=" + local.wyng.sessions(NAME)[1])
+    b = local.write((12 * MiB, 10))
+    st = local.send()
+    assert st["incremental"] and st["chunks_read"] == len(a | b) == 3
+    local.check(tmp_path)
+
+
 def test_a_missing_altered_or_foreign_snapshot_means_a_full_read(local, wyng, tmp_path):
     local.make(8 * MiB)
     local.send()

@@ -108,6 +108,13 @@ def source_modules(project, package):
     return sorted(str(p.relative_to(root)) for p in (root / package).rglob("*.py"))
 
 
+def license_of(files, package):
+    """The %license file: /usr/share/licenses/NAME/ on Fedora, NAME-VERSION/
+    with Debian's rpm macros."""
+    return [f for f, (_mode, flags) in files.items()
+            if re.fullmatch(r"/usr/share/licenses/%s(-[0-9.]+)?/LICENSE" % package, f) and "l" in flags]
+
+
 def packaged_modules(files, site, package):
     return sorted(f[len(site) + 1:] for f in files if f.startswith(site + "/" + package + "/") and f.endswith(".py"))
 
@@ -141,11 +148,13 @@ def test_dom0_rpm_holds_the_right_files_with_the_right_modes(built):
         "/etc/qubes/policy.d/90-qubes-wyng.policy": (0o100644, "cn"),
         "/usr/share/man/man1/qvm-wyng.1.gz": (0o100644, ""),
         "/etc/wyng": (0o40755, ""),
+        "/var/lib/qubes-wyng": (0o40700, ""),    # --meta-dir's default: keys' cache, root-seen
     }
     for path, (mode, flags) in expect.items():
         assert path in files, path
         assert files[path][0] == mode, "%s: %o" % (path, files[path][0])
         assert set(flags) <= set(files[path][1]), "%s: flags %s" % (path, files[path][1])
+    assert license_of(files, "qubes-wyng-dom0")
     assert packaged_modules(files, site, "qubeswyng") == source_modules("dom0", "qubeswyng")
     assert "%s/qubes_wyng_dom0-%s.dist-info/METADATA" % (site, VERSION) in files
     for path, (mode, _flags) in files.items():
@@ -160,6 +169,7 @@ def test_vm_rpm_holds_the_right_files_with_the_right_modes(built):
     assert files["/etc/qubes-rpc/wyng.Agent"][0] == 0o100755
     assert "c" not in files["/etc/qubes-rpc/wyng.Agent"][1], "the service is code, not configuration"
     assert files["/usr/bin/wyng-agent"][0] == 0o100755
+    assert license_of(files, "qubes-wyng-vm")
     assert packaged_modules(files, site, "wyngagent") == source_modules("backupvm", "wyngagent")
     assert "%s/qubes_wyng_agent-%s.dist-info/METADATA" % (site, VERSION) in files
     assert not [f for f in files if "qubeswyng" in f or "/wyng/" in f or "policy" in f or "/man/" in f]

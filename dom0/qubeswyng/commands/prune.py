@@ -14,6 +14,7 @@ from ..clock import now, point
 from ..errors import Fail
 from ..manifest import ChunkMap, chunk_count
 from ..progress import size
+from ..sources.snapshots import carry
 from . import chosen_volumes, matches, session_spec
 
 DAY = 86400
@@ -109,12 +110,13 @@ def _fold(archive, vol, gone):
             run.append(i)
             continue
         if run:
-            old_mac = bytes.fromhex(ses["mac"])
+            old_mac = ses["mac"]
             ses = _merge(archive, vol, run, i, kept[-1]["name"] if kept else "")
-            if i == len(sessions) - 1:  # the newest map is unchanged: keep dom0's copy
-                cached = archive.meta.load_map(vol["id"], old_mac)
+            if i == len(sessions) - 1:  # the volume is unchanged: keep dom0's map and snapshot records
+                cached = archive.meta.load_map(vol["id"], bytes.fromhex(old_mac))
                 if cached is not None:
                     archive.meta.save_map(vol["id"], bytes.fromhex(ses["mac"]), cached)
+                carry(archive.meta, vol["id"], old_mac, ses["mac"])
             run = []
         kept.append(ses)
     vol["sessions"] = kept

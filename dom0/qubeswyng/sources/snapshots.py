@@ -177,6 +177,30 @@ class SnapshotSource:
             self.reader.close()
 
 
+def carry(meta, vid, old_mac, new_mac):
+    """prune rewrote the newest manifest of volume ``vid`` without changing
+    the volume's contents: a snapshot standing for the old manifest stands
+    for the new one too.  Both records are kept, so either outcome of the
+    commit finds one; the next send keeps only its own.  Left alone (costing
+    one full comparison, never safety) if there is no state or a monitor is
+    at work on it."""
+    try:
+        lock = os.open(os.path.join(meta.dir, "snapshots", vid + ".lock"), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        state = meta.load_json("snapshots", vid + ".json")
+        records = state.get("records") if isinstance(state, dict) else None
+        if isinstance(records, list):
+            records += [dict(r, mac=new_mac) for r in records if isinstance(r, dict) and r.get("mac") == old_mac]
+            meta.save_json(state, "snapshots", vid + ".json")
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(lock)
+
+
 def send_source(opts, local, name):
     """The source send uses for volume ``name`` of pool ``local``."""
     volume = open_source(local, name)
