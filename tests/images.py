@@ -35,6 +35,17 @@ def overwrite(path, offset, data):
         f.write(data)
 
 
+def pwrite_pieces(path, pieces, data=None):
+    """pwrite random bytes (or ``data``) at (offset, length) pieces, then fsync."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for offset, length in pieces:
+            os.pwrite(fd, data if data is not None else os.urandom(length), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def digest(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:

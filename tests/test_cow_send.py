@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import need, which
-from images import KiB, MiB, same
+from images import KiB, MiB, pwrite_pieces, same
 
 CS = 256 * KiB
 NAME = "appvms/work/private.img"
@@ -42,13 +42,7 @@ class Local:
     def write(self, *pieces, data=None):
         """pwrite random bytes (or ``data``) at (offset, length) pieces; the
         indexes of the chunks they touch."""
-        fd = os.open(self.path, os.O_RDWR)
-        try:
-            for offset, length in pieces:
-                os.pwrite(fd, data if data is not None else os.urandom(length), offset)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        pwrite_pieces(self.path, pieces, data)
         return touched(pieces)
 
     def send(self, *args, expect=0, env=None):

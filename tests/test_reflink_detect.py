@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from conftest import need, which
+from images import pwrite_pieces
 from qubeswyng.errors import Fail
 from qubeswyng.sources.reflink import (
     BATCH, EXTENT_DATA_INLINE, EXTENT_DATA_TAIL, EXTENT_DELALLOC, EXTENT_ENCODED, EXTENT_LAST,
@@ -125,17 +126,6 @@ def make_volume(path, size=VOLUME, seed=1):
     return path
 
 
-def write(path, writes, data=None):
-    """pwrite (offset, length) pieces of random (or the given) bytes, fsync."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for offset, length in writes:
-            os.pwrite(fd, data if data is not None else os.urandom(length), offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def extent_map_of(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -198,7 +188,7 @@ def test_scattered_writes_report_exactly_the_chunks_written(fs, chunk_size):
     writes = [(o * 64 * KiB, 64 * KiB) for o in (0, 3, 160, 641, 1023)]        # aligned
     writes += [(o, 4 * KiB) for o in (5 * MiB + 100, 256 * KiB - 100,         # unaligned, one
                                      20 * MiB + 64 * KiB - 2048, 33 * MiB + 1)]  # crossing chunks
-    write(live, writes)
+    pwrite_pieces(live, writes)
     new = Snap(live, fs / "s2")
     assert chunks_of(detect(old, new), chunk_size) == chunks_written(writes, chunk_size)
 
@@ -207,10 +197,10 @@ def test_changes_add_up_over_several_snapshots(fs):
     live = make_volume(fs / "vol.img")
     first = Snap(live, fs / "s1")
     a = [(3 * MiB, 64 * KiB), (40 * MiB + 512, 8 * KiB)]
-    write(live, a)
+    pwrite_pieces(live, a)
     second = Snap(live, fs / "s2")
     b = [(3 * MiB + 32 * KiB, 64 * KiB), (60 * MiB, 4 * KiB)]
-    write(live, b)
+    pwrite_pieces(live, b)
     third = Snap(live, fs / "s3")
     assert chunks_of(detect(second, third), 64 * KiB) == chunks_written(b, 64 * KiB)
     assert chunks_of(detect(first, third), 64 * KiB) == chunks_written(a + b, 64 * KiB)
@@ -226,7 +216,7 @@ def test_rewriting_identical_bytes_is_reported_as_changed(fs):
     with open(live, "rb") as f:
         f.seek(offset)
         same = f.read(128 * KiB)
-    write(live, [(offset, len(same))], data=same)
+    pwrite_pieces(live, [(offset, len(same))], data=same)
     new = Snap(live, fs / "s2")
     assert new.path.read_bytes() == old.path.read_bytes()
     # the bytes are new blocks: reported, a harmless superset of "nothing"
@@ -249,7 +239,7 @@ def test_growing_reports_the_new_tail(fs):
     old = Snap(live, fs / "s1")
     os.truncate(live, VOLUME + 16 * MiB)
     assert detect(old, Snap(live, fs / "s2")) == [(VOLUME, VOLUME + 16 * MiB)]
-    write(live, [(VOLUME + 16 * MiB, 3 * MiB + 5)])
+    pwrite_pieces(live, [(VOLUME + 16 * MiB, 3 * MiB + 5)])
     assert detect(old, Snap(live, fs / "s3")) == [(VOLUME, VOLUME + 19 * MiB + 5)]
 
 
@@ -274,7 +264,7 @@ def test_thousands_of_extents_are_all_read(fs):
     rnd = random.Random(7)
     writes = [(block * 4 * BLOCK + rnd.randrange(4) * BLOCK, BLOCK)
               for block in rnd.sample(range(VOLUME // (4 * BLOCK)), 3000)]
-    write(live, writes)
+    pwrite_pieces(live, writes)
     new = Snap(live, fs / "s2")
     assert len(new.map) > 4 * BATCH
     pos = 0
@@ -290,7 +280,7 @@ def test_sparse_file_maps_only_its_data(fs):
     path = fs / "sparse.img"
     with open(path, "wb") as f:
         f.truncate(VOLUME)
-    write(path, [(5 * MiB, 64 * KiB), (50 * MiB, 128 * KiB)])
+    pwrite_pieces(path, [(5 * MiB, 64 * KiB), (50 * MiB, 128 * KiB)])
     assert [(lo, ln) for lo, _p, ln, _f in extent_map_of(path)] == [(5 * MiB, 64 * KiB), (50 * MiB, 128 * KiB)]
 
 
@@ -307,7 +297,7 @@ def test_no_cow_files_are_recognised(btrfs_mount, xfs_mount):
         finally:
             os.close(fd)
     # Btrfs will not clone between No_COW and ordinary files
-    write(nocow, [(0, MiB)])
+    pwrite_pieces(nocow, [(0, MiB)])
     with pytest.raises(Fail, match="No_COW"):
         clone(nocow, btrfs_mount / "snap")
     assert not (btrfs_mount / "snap").exists()
