@@ -16,7 +16,7 @@ from images import pwrite_pieces
 from qubeswyng.errors import Fail
 from qubeswyng.sources.reflink import (
     BATCH, EXTENT_DATA_INLINE, EXTENT_DATA_TAIL, EXTENT_DELALLOC, EXTENT_ENCODED, EXTENT_LAST,
-    EXTENT_NOT_ALIGNED, EXTENT_UNKNOWN, EXTENT_UNWRITTEN, changed_ranges, chunks_of, clone,
+    EXTENT_NOT_ALIGNED, EXTENT_UNKNOWN, EXTENT_UNWRITTEN, changed_ranges, clone,
     extent_map, is_nodatacow)
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -96,6 +96,20 @@ def test_maps_in_any_order_and_overlapping_extents_are_tolerated():
     old = [(4 * BLOCK, MiB + 4 * BLOCK, 4 * BLOCK, 0), (0, MiB, 6 * BLOCK, 0)]
     new = [(0, MiB, 8 * BLOCK, 0)]
     assert changed_ranges(old, new, 8 * BLOCK, 8 * BLOCK) == []
+
+
+def chunks_of(ranges, chunk_size):
+    """Sorted indexes of the chunks that any byte of ``ranges`` falls in (the
+    chunk runs send reads, sources/reflink.py Volume.delta, as indexes)."""
+    chunks = []
+    for start, end in sorted(ranges):
+        if end <= start:
+            continue
+        first = start // chunk_size
+        if chunks and chunks[-1] >= first:
+            first = chunks[-1] + 1
+        chunks.extend(range(first, (end - 1) // chunk_size + 1))
+    return chunks
 
 
 def test_chunks_of_marks_every_chunk_a_range_touches():

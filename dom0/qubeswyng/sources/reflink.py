@@ -181,19 +181,6 @@ def changed_ranges(old_map, new_map, old_size, new_size):
     return ranges
 
 
-def chunks_of(ranges, chunk_size):
-    """Sorted indexes of the chunks that any byte of ``ranges`` falls in."""
-    chunks = []
-    for start, end in sorted(ranges):
-        if end <= start:
-            continue
-        first = start // chunk_size
-        if chunks and chunks[-1] >= first:
-            first = chunks[-1] + 1
-        chunks.extend(range(first, (end - 1) // chunk_size + 1))
-    return chunks
-
-
 def is_nodatacow(fd):
     """True if the file has the No_COW attribute (``chattr +C``): its
     blocks may be overwritten in place, so its map cannot be trusted."""
