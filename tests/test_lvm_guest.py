@@ -30,10 +30,10 @@ status=0
 thin_delta -m --snap1 $old --snap2 $new /dev/mapper/tvg-pool_tmeta > "$WYNG_OUT/delta.xml" || status=$?
 "$PYTHON" - $old $new > "$WYNG_OUT/chunks.json" <<'PY' || status=$?
 import json, sys
-from qubeswyng.sources.thin_delta import chunk_indexes, run_thin_delta
+from qubeswyng.sources.thin_delta import run_thin_delta
 old, new = sys.argv[1:]
-print(json.dumps({str(size): list(chunk_indexes(run_thin_delta("/dev/mapper/tvg-pool_tmeta", old, new, size, 64 << 20)))
-                  for size in (64 << 10, 256 << 10)}))
+print(json.dumps({str(size): [i for run in run_thin_delta("/dev/mapper/tvg-pool_tmeta", old, new, size, 64 << 20)
+                              for i in run] for size in (64 << 10, 256 << 10)}))
 PY
 dmsetup message tvg-pool-tpool 0 release_metadata_snap
 exit $status

@@ -19,10 +19,9 @@ no change; ``different``, ``left_only`` and ``right_only`` are.
 
 The result is a sorted list of disjoint, non-adjacent ``range`` objects of
 chunk indexes: its size grows with the number of changed runs, never with
-the size of the volume.  ``chunk_indexes(runs)`` walks the indexes.
+the size of the volume.
 """
 import io
-import itertools
 import os
 import subprocess
 import tempfile
@@ -34,11 +33,6 @@ from ..errors import Fail
 SECTOR = 512
 CHANGES = frozenset(("different", "left_only", "right_only"))
 KINDS = CHANGES | {"same"}
-
-
-def chunk_indexes(runs):
-    """The chunk indexes of ``runs``, in order."""
-    return itertools.chain.from_iterable(runs)
 
 
 def _number(elem, name):
