@@ -5,6 +5,7 @@ master key, OPEN (hand the agent K_enc), LOCK for writers, GET_ROOT and
 check its MAC and that it is not older than the last root seen.  Nothing
 from the agent is used before its MAC or chunk id matched.
 """
+import contextlib
 import itertools
 import os
 import struct
@@ -61,10 +62,8 @@ class Archive:
         if garbage:
             notice(opts, "finishing an interrupted prune or delete: removing what no session uses")
             self.collect()
-        try:
+        with contextlib.suppress(OSError):  # no tmpfs to remember it in: ask again next time
             K.store_master(header.archive_id, master, opts.authmin)
-        except OSError:
-            pass  # no tmpfs to remember it in: ask again next time
         return self
 
     def _start(self, header, master, check=False):
@@ -285,9 +284,7 @@ class Archive:
         return wire.STATS.unpack(reply)
 
     def close(self):
-        try:
+        with contextlib.suppress(Fail):
             self.link.send(wire.BYE)
             self.link.reply()
-        except Fail:
-            pass
         self.link.close()

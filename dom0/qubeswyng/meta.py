@@ -11,6 +11,7 @@ Per archive id:
 Everything here is written atomically; losing it costs speed, never safety
 (except root-seen, which is what rollback detection remembers).
 """
+import contextlib
 import json
 import os
 import struct
@@ -77,7 +78,5 @@ class Meta:
         write_atomic(self._path("maps", volume_id), MAP_HEAD.pack(MAP_MAGIC, head_mac, len(chunk_map)), chunk_map.ids)
 
     def drop_map(self, volume_id):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path("maps", volume_id))
-        except FileNotFoundError:
-            pass

@@ -5,6 +5,7 @@ A transport is a process with two pipes (``stdin_fd`` for requests,
 picks it: ``file:/path`` runs the agent here (plain Linux, tests),
 ``qubes://VM/path`` runs it in the backup VM.
 """
+import contextlib
 import os
 import shutil
 import signal
@@ -36,10 +37,8 @@ class ProcessTransport:
 
     def close(self):
         for f in (self.proc.stdin, self.proc.stdout):
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -7,6 +7,7 @@ connection with a one-line error before the payload is read.  Nothing here
 trusts the content: MACs and chunk ids are checked by the callers
 (``archive.py``) before any of it is used.
 """
+import contextlib
 import fcntl
 import os
 import struct
@@ -48,10 +49,8 @@ class Link:
         self.transport = transport
         self.wfd, rfd = transport.stdin_fd, transport.stdout_fd
         for fd in (self.wfd, rfd):
-            try:
+            with contextlib.suppress(OSError):  # not a pipe, or limited: only slower
                 fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
-            except OSError:
-                pass  # not a pipe, or limited: only slower
         self.rfile = os.fdopen(rfd, "rb", buffering=1 << 20, closefd=False)
 
     # -- sending ----------------------------------------------------------

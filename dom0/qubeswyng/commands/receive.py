@@ -9,6 +9,7 @@ device is discarded first and zero chunks are written only where it does
 not already read as zeros (a thin volume stays thin).  With --local the
 pool gives the target (sources: ``receive_path``).
 """
+import contextlib
 import fcntl
 import os
 import secrets
@@ -48,10 +49,8 @@ class FileTarget:
                 if os.lseek(self.fd, 0, os.SEEK_END) < size:
                     os.close(self.fd)
                     raise Fail("%s: device is smaller than the volume (%d bytes)" % (path, size))
-                try:
+                with contextlib.suppress(OSError):  # no discard: the zero chunks are written
                     fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("=QQ", 0, size & ~4095))
-                except OSError:
-                    pass  # no discard: the zero chunks are written
             else:
                 folder, base = os.path.split(os.path.abspath(path))
                 self.temp = os.path.join(folder, ".%s.qwyng-%s" % (base, secrets.token_hex(4)))

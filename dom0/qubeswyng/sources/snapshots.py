@@ -12,6 +12,7 @@ otherwise it reads the whole new snapshot and compares every chunk id
 with the verified map.  State is written before snapshots are removed, so
 a kill at any moment leaves a record that is true, or none.
 """
+import contextlib
 import fcntl
 import os
 import shutil
@@ -70,11 +71,9 @@ class Rotation:
         """The record for session ``mac`` whose snapshot is present, ours
         and unchanged; None if there is none."""
         for rec in self.records:
-            try:
+            with contextlib.suppress(KeyError, TypeError):
                 if rec["mac"] == mac and rec["ident"] and self.volume.ident(rec["snap"], self.aid) == rec["ident"]:
                     return rec
-            except (KeyError, TypeError):
-                pass
         return None
 
     def _remove_others(self, keep):
