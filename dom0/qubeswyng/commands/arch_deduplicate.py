@@ -17,8 +17,7 @@ def run(opts, app):
     try:
         vols = archive.root["volumes"]
         items = archive.manifests()
-        number = {id(v): g for g, v in enumerate(vols)}
-        groups = [number[id(v)] for v, _i in items]
+        groups = [g for g, v in enumerate(vols) for _s in v["sessions"]]  # the order of manifests()
         records = archive.scan(A.SCAN_SIZES, items, groups) if items else []
     finally:
         archive.close()

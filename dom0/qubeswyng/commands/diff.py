@@ -22,9 +22,7 @@ def run(opts, app):
         results = [compare(archive, volume, opts) for volume in volumes]
     finally:
         archive.close()
-    for st in results:
-        if opts.json:
-            continue
+    for st in [] if opts.json else results:
         print("%s: %s" % (st["volume"], "same as session %s" % st["session"] if st["same"] else
                           "differs from session %s in %d of %d chunks (%s)%s" % (
                               st["session"], st["chunks_differ"], st["chunks"], size(st["bytes_differ"]),

@@ -34,15 +34,13 @@ class FileTarget:
     def __init__(self, path, size):
         self.path = path
         try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            mode = 0
-        except OSError as e:
-            raise Fail("%s: %s" % (path, e.strerror)) from None
-        self.device = stat.S_ISBLK(mode)
-        if mode and not (self.device or stat.S_ISREG(mode)):
-            raise Fail("%s: not a regular file or block device" % path)
-        try:
+            try:
+                mode = os.stat(path).st_mode
+            except FileNotFoundError:
+                mode = 0
+            self.device = stat.S_ISBLK(mode)
+            if mode and not (self.device or stat.S_ISREG(mode)):
+                raise Fail("%s: not a regular file or block device" % path)
             if self.device:
                 self.temp = None
                 self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

@@ -123,12 +123,8 @@ def run(opts, app, targets=None):
         if opts.autoprune not in (None, "off"):
             autoprune(archive, opts, targets)
         session = session_name(archive, [n for n, _s in targets])
-        results, new = [], []
-        for name, source in targets:
-            st, added = send_volume(archive, name, source, session, tags, opts)
-            results.append(st)
-            if added:
-                new.append(added)
+        sent = [send_volume(archive, name, source, session, tags, opts) for name, source in targets]
+        results, new = [st for st, _added in sent], [added for _st, added in sent if added]
         heads = [(src, archive.volume(n)["sessions"][-1]["mac"]) for n, src in targets]
         for src, mac in heads:
             src.pending(mac)
@@ -177,5 +173,4 @@ def report(opts, results):
         if opts.verbose:
             print("  %s: read %d chunks (%s), sent %d, deduplicated %d, stored %s" % (
                 "incremental" if st["incremental"] else "in full", st["chunks_read"], size(st["bytes_read"]),
-                st["chunks_sent"],
-                st["chunks_deduplicated"], size(st["bytes_stored"])))
+                st["chunks_sent"], st["chunks_deduplicated"], size(st["bytes_stored"])))
