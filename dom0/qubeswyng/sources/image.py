@@ -14,6 +14,14 @@ from ..errors import Fail
 AHEAD = 16  # chunks of a sparse read announced to the kernel before they are read
 
 
+def open_path(path, flags, mode=0o777):
+    """``os.open``, failing with one line that names ``path``."""
+    try:
+        return os.open(path, flags, mode)
+    except OSError as e:
+        raise Fail("%s: %s" % (path, e.strerror)) from None
+
+
 class FullRead:
     """send's source interface (sources/snapshots.py) for a source without
     snapshots: every chunk is read and compared."""
@@ -30,11 +38,8 @@ class FullRead:
 class ImageSource(FullRead):
     def __init__(self, path):
         self.path = path
-        try:
-            # O_NONBLOCK: opening a FIFO must not wait for a writer
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as e:
-            raise Fail("%s: %s" % (path, e.strerror)) from None
+        # O_NONBLOCK: opening a FIFO must not wait for a writer
+        self.fd = open_path(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         mode = os.fstat(self.fd).st_mode
         if stat.S_ISREG(mode):
             self.size = os.fstat(self.fd).st_size

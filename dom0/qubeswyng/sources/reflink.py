@@ -25,7 +25,7 @@ import struct
 
 from ..errors import Fail
 from . import NoSnapshots
-from .image import ImageSource
+from .image import ImageSource, open_path
 
 
 def _ioc(direction, kind, nr, size):
@@ -77,15 +77,9 @@ _CLONE_ERRORS = {
 def clone(src_path, dst_path):
     """Make ``dst_path`` (which must not exist) a read-only reflink copy of
     ``src_path``, synced to disk.  Nothing is left behind on failure."""
+    src = open_path(src_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise Fail("%s: %s" % (src_path, e.strerror)) from None
-    try:
-        try:
-            dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
-        except OSError as e:
-            raise Fail("%s: %s" % (dst_path, e.strerror)) from None
+        dst = open_path(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
         try:
             fcntl.ioctl(dst, FICLONE, src)
             os.fsync(dst)
@@ -211,10 +205,7 @@ class Volume:
             raise Fail("--local=%s: no such directory" % local)
         if create:
             return
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as e:
-            raise Fail("%s: %s" % (self.path, e.strerror)) from None
+        fd = open_path(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
