@@ -283,6 +283,12 @@ class Archive:
             raise wire.AgentError("agent sent malformed statistics")
         return wire.STATS.unpack(reply)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc):
+        self.close()
+
     def close(self):
         with contextlib.suppress(Fail):
             self.link.send(wire.BYE)

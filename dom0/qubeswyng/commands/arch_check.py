@@ -37,8 +37,7 @@ def run(opts, app):
     if opts.session and opts.session != "newest" and not (SESSION_RE.match(opts.session) or
                                                             opts.session.startswith("^")):
         raise Fail("--session: give newest, YYYYMMDD-HHMMSS or ^TAG")
-    archive = Archive(opts, app).open(write=True)  # the lock keeps writers out while we look
-    try:
+    with Archive(opts, app).open(write=True) as archive:  # the lock keeps writers out while we look
         vols = chosen_volumes(opts, archive, default_all=True)
         items = [(v, i) for v in vols for i in _indexes(opts, v)] if not whole else archive.manifests()
         problems = {}
@@ -56,8 +55,6 @@ def run(opts, app):
                 problems.setdefault((vol["name"], vol["sessions"][i]["name"]), []).append(str(e))
         mode = A.SCAN_OBJECTS | (A.SCAN_WHOLE if whole else 0) | (A.SCAN_CLEAN if opts.clean else 0)
         records = archive.scan(mode, items)
-    finally:
-        archive.close()
     notes = []
     for kind, index, a, b, c in records:
         figures = {"a": a, "size": size(b)}

@@ -13,14 +13,11 @@ from ..progress import size
 
 
 def run(opts, app):
-    archive = Archive(opts, app).open()
-    try:
+    with Archive(opts, app).open() as archive:
         vols = archive.root["volumes"]
         items = archive.manifests()
         groups = [g for g, v in enumerate(vols) for _s in v["sessions"]]  # the order of manifests()
         records = archive.scan(A.SCAN_SIZES, items, groups) if items else []
-    finally:
-        archive.close()
     cs = archive.chunk_size
     figures = {r[1]: r[2:] for r in records if r[0] == A.GROUP and r[1] < len(vols)}
     total = next((r[2:] for r in records if r[0] == A.TOTAL), (0, 0, 0))

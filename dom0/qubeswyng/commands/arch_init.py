@@ -9,11 +9,8 @@ from ..formats import CIPHERS, Header, parse_compression
 def run(opts, app):
     compression, level = parse_compression(opts.compression)  # argparse checked the other settings
     header = Header(os.urandom(16), CIPHERS[opts.encrypt], compression, level, opts.chunk_factor)
-    archive = Archive(opts, app)
-    try:
+    with Archive(opts, app) as archive:
         archive.create(header, K.read_passphrase(opts, confirm=True))
-    finally:
-        archive.close()
     if not opts.quiet:
         print("Created archive %s at %s (chunk size %d KiB, encryption %s, compression %s)" % (
             header.archive_id.hex(), opts.dest, header.chunk_size >> 10,

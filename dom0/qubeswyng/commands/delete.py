@@ -25,8 +25,7 @@ def run(opts, app):
     if not opts.volumes:
         raise Fail("delete: name the volumes to delete (or --clean for local metadata)")
     confirm(opts, "Delete %s and all of its sessions from the archive?" % ", ".join(opts.volumes))
-    archive = Archive(opts, app).open(write=True)
-    try:
+    with Archive(opts, app).open(write=True) as archive:
         vols = resolve(archive, opts.volumes)
         archive.mark_garbage()
         for vol in vols:
@@ -35,8 +34,6 @@ def run(opts, app):
         point("dom0:delete-before-commit")
         archive.commit()
         objects, freed = archive.collect()
-    finally:
-        archive.close()
     if not opts.quiet:
         print("deleted %s; %d objects (%s) reclaimed" % (", ".join(opts.volumes), objects, size(freed)))
     return 0

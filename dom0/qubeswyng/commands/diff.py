@@ -17,11 +17,8 @@ def run(opts, app):
     if not opts.local or not opts.volumes:
         raise Fail("diff needs --local and volume names")
     volumes = [open_source(opts.local, name) for name in opts.volumes]
-    archive = Archive(opts, app).open()
-    try:
+    with Archive(opts, app).open() as archive:
         results = [compare(archive, volume, opts) for volume in volumes]
-    finally:
-        archive.close()
     for st in [] if opts.json else results:
         print("%s: %s" % (st["volume"], "same as session %s" % st["session"] if st["same"] else
                           "differs from session %s in %d of %d chunks (%s)%s" % (

@@ -13,12 +13,9 @@ def session_info(ses):
 
 
 def run(opts, app):
-    archive = Archive(opts, app).open()
-    try:
+    with Archive(opts, app).open() as archive:
         root = archive.root
         vols = [archive.require_volume(n) for n in opts.volumes] if opts.volumes else root["volumes"]
-    finally:
-        archive.close()
     if opts.qubes:
         return list_qubes(opts, root)
     if opts.json:

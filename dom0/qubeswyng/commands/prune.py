@@ -144,13 +144,10 @@ def run(opts, app):
     if not opts.session and opts.autoprune in (None, "off"):
         raise Fail("prune needs --session=SESSION[,SESSION] or --autoprune=on|min|full")
     parse_apdays(opts.apdays)
-    archive = Archive(opts, app).open(write=True)
-    try:
+    with Archive(opts, app).open(write=True) as archive:
         removals = plan(opts, chosen_volumes(opts, archive))
         names = [(vol["name"], [vol["sessions"][i]["name"] for i in gone]) for vol, gone in removals]
         objects, freed = remove(archive, removals)
-    finally:
-        archive.close()
     if not opts.quiet:
         for name, gone in names:
             print("%s: removed %d session%s: %s" % (name, len(gone), "s"[:len(gone) != 1], " ".join(gone)))

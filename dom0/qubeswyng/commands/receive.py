@@ -105,8 +105,7 @@ def run(opts, app):
         raise Fail("receive needs --save-to=PATH or --local=POOL")
     if len(opts.volumes) != 1:
         raise Fail("receive: name one volume")
-    archive = Archive(opts, app).open()
-    try:
+    with Archive(opts, app).open() as archive:
         vol = archive.require_volume(opts.volumes[0])
         index = pick_session(opts, vol)
         ses, chunk_map = vol["sessions"][index], archive.chunk_map(vol, index)
@@ -129,8 +128,6 @@ def run(opts, app):
             if abort:
                 abort()
             raise
-    finally:
-        archive.close()
     if not opts.quiet:
         print("%s: session %s received to %s (%s, %d chunks)" % (
             vol["name"], ses["name"], path if opts.save_to else "%s in %s" % (vol["name"], opts.local),
@@ -139,8 +136,7 @@ def run(opts, app):
 
 
 def run_verify(opts, app):
-    archive = Archive(opts, app).open()
-    try:
+    with Archive(opts, app).open() as archive:
         for vol in resolve(archive, opts.volumes):  # a qube name: all its volumes
             name, index = vol["name"], pick_session(opts, vol)
             ses = vol["sessions"][index]
@@ -148,6 +144,4 @@ def run_verify(opts, app):
                               name, zeros_needed=False)
             if not opts.quiet:
                 print("%s: session %s verified (%s, %d chunks)" % (name, ses["name"], size(ses["size"]), fetched))
-    finally:
-        archive.close()
     return 0

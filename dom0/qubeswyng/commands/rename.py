@@ -8,16 +8,13 @@ def run(opts, app):
     if len(opts.volumes) != 2:
         raise Fail("rename takes OLD NEW")
     old, new = opts.volumes[0], volume_name(opts.volumes[1])
-    archive = Archive(opts, app).open(write=True)
-    try:
+    with Archive(opts, app).open(write=True) as archive:
         vol = archive.require_volume(old)
         if archive.volume(new):
             raise Fail("volume %r is already in the archive" % new)
         vol["name"] = new
         archive.root["volumes"].sort(key=lambda v: v["name"])
         archive.commit()
-    finally:
-        archive.close()
     if not opts.quiet:
         print("renamed %s to %s" % (old, new))
     return 0

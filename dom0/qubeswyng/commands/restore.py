@@ -91,8 +91,7 @@ def run(opts, app):
     if opts.settings_only and opts.data_only:
         raise Fail("--settings-only and --data-only exclude each other")
     app = qubes.connect(app)
-    archive = Archive(opts, app).open()
-    try:
+    with Archive(opts, app).open() as archive:
         plans = check(opts, app, [load(opts, archive, q, v) for q, v in chosen(opts, archive).items()])
         rename = {p.qube: p.target for p in plans}
         for p in plans:  # a disposable's template needs template_for_dispvms before it is created
@@ -111,6 +110,4 @@ def run(opts, app):
             if not opts.quiet:
                 print("%s: %s from session %s%s" % (p.target, "created" if p.created else "restored", p.session,
                       "".join(", %s %s" % (n, size(t)) for n, t, _m, _l in p.data)))
-    finally:
-        archive.close()
     return 0
