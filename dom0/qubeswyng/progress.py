@@ -40,3 +40,9 @@ class Progress:
 def notice(opts, text):
     if not opts.quiet:
         print(text, file=sys.stderr)
+
+
+def say(opts, text):
+    """A result line on stdout, unless --quiet."""
+    if not opts.quiet:
+        print(text)

@@ -1,6 +1,7 @@
 """add: put volume names without sessions in the archive."""
 from ..archive import Archive
 from ..errors import Fail
+from ..progress import say
 from . import volume_name
 
 
@@ -14,6 +15,5 @@ def run(opts, app):
                 raise Fail("volume %r is already in the archive" % name)
             archive.add_volume(name)
         archive.commit()
-    if not opts.quiet:
-        print("added %s" % ", ".join(names))
+    say(opts, "added %s" % ", ".join(names))
     return 0

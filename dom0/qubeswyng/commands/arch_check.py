@@ -10,7 +10,7 @@ status is 1 when there is any.
 from .. import archive as A
 from ..archive import Archive
 from ..errors import Fail
-from ..progress import size
+from ..progress import say, size
 from ..wire import LinkBroken
 from . import SESSION_RE, chosen_volumes, pick_session
 
@@ -75,6 +75,5 @@ def run(opts, app):
     if bad:
         print("arch-check: %d problem%s found" % (bad, "s"[:bad != 1]))
         return 1
-    if not opts.quiet:
-        print("arch-check: no problems found")
+    say(opts, "arch-check: no problems found")
     return 0

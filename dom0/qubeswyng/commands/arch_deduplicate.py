@@ -9,7 +9,7 @@ import json
 
 from .. import archive as A
 from ..archive import Archive
-from ..progress import size
+from ..progress import say, size
 
 
 def run(opts, app):
@@ -38,7 +38,6 @@ def run(opts, app):
         print("%-32s %8d %12s %12s %12s %6.1fx" % (
             r["volume"], r["sessions"], size(r["logical_bytes"]), size(r["listed_bytes"]),
             size(r["stored_bytes"]), r["logical_bytes"] / max(r["stored_bytes"], 1)))
-    if not opts.quiet:
-        print("logical: all sessions' sizes; listed: chunk data their manifests list; "
+    say(opts, "logical: all sessions' sizes; listed: chunk data their manifests list; "
               "stored: distinct chunks as stored (deduplicated, compressed, encrypted)")
     return 0

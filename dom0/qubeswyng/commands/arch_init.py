@@ -4,6 +4,7 @@ import os
 from .. import keys as K
 from ..archive import Archive
 from ..formats import CIPHERS, Header, parse_compression
+from ..progress import say
 
 
 def run(opts, app):
@@ -11,8 +12,7 @@ def run(opts, app):
     header = Header(os.urandom(16), CIPHERS[opts.encrypt], compression, level, opts.chunk_factor)
     with Archive(opts, app) as archive:
         archive.create(header, K.read_passphrase(opts, confirm=True))
-    if not opts.quiet:
-        print("Created archive %s at %s (chunk size %d KiB, encryption %s, compression %s)" % (
-            header.archive_id.hex(), opts.dest, header.chunk_size >> 10,
-            opts.encrypt, opts.compression))
+    say(opts, "Created archive %s at %s (chunk size %d KiB, encryption %s, compression %s)" % (
+        header.archive_id.hex(), opts.dest, header.chunk_size >> 10,
+        opts.encrypt, opts.compression))
     return 0

@@ -13,7 +13,7 @@ archive is not touched (doc/sources.md).
 from ..archive import Archive
 from ..clock import point
 from ..errors import Fail
-from ..progress import size
+from ..progress import say, size
 from ..settings import resolve
 from ..sources.snapshots import clean_local
 from . import confirm
@@ -34,8 +34,7 @@ def run(opts, app):
         point("dom0:delete-before-commit")
         archive.commit()
         objects, freed = archive.collect()
-    if not opts.quiet:
-        print("deleted %s; %d objects (%s) reclaimed" % (", ".join(opts.volumes), objects, size(freed)))
+    say(opts, "deleted %s; %d objects (%s) reclaimed" % (", ".join(opts.volumes), objects, size(freed)))
     return 0
 
 
@@ -48,7 +47,6 @@ def clean(opts, app):
         archive_id = archive.header.archive_id
         archive.close()
     removed = clean_local(opts, archive_id)
-    if not opts.quiet:
-        print("removed %d snapshots and the local metadata of %s" % (
-            len(removed), "every archive" if opts.all else "archive %s" % archive_id.hex()))
+    say(opts, "removed %d snapshots and the local metadata of %s" % (
+        len(removed), "every archive" if opts.all else "archive %s" % archive_id.hex()))
     return 0

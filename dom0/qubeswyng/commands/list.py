@@ -3,7 +3,7 @@ import json
 import time
 
 from ..archive import Archive
-from ..progress import size
+from ..progress import say, size
 from ..settings import SETTINGS, qubes_in
 
 
@@ -24,9 +24,8 @@ def run(opts, app):
             indent=1))
         return 0
     if not opts.volumes:
-        if not opts.quiet:
-            print("Archive updated %s; %d volumes" % (
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(root["time"])), len(vols)))
+        say(opts, "Archive updated %s; %d volumes" % (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(root["time"])), len(vols)))
         for v in vols:
             last = v["sessions"][-1] if v["sessions"] else None
             print("%-40s %4d sessions  %s" % (v["name"], len(v["sessions"]),

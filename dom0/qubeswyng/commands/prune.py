@@ -13,7 +13,7 @@ from ..archive import Archive
 from ..clock import now, point
 from ..errors import Fail
 from ..manifest import ChunkMap, chunk_count
-from ..progress import size
+from ..progress import say, size
 from ..sources.snapshots import carry
 from . import chosen_volumes, matches, session_spec
 
@@ -148,9 +148,8 @@ def run(opts, app):
         removals = plan(opts, chosen_volumes(opts, archive))
         names = [(vol["name"], [vol["sessions"][i]["name"] for i in gone]) for vol, gone in removals]
         objects, freed = remove(archive, removals)
-    if not opts.quiet:
-        for name, gone in names:
-            print("%s: removed %d session%s: %s" % (name, len(gone), "s"[:len(gone) != 1], " ".join(gone)))
-        print("pruned %d sessions; %d objects (%s) reclaimed" % (
-            sum(len(g) for _n, g in names), objects, size(freed)) if names else "no sessions to prune")
+    for name, gone in names:
+        say(opts, "%s: removed %d session%s: %s" % (name, len(gone), "s"[:len(gone) != 1], " ".join(gone)))
+    say(opts, "pruned %d sessions; %d objects (%s) reclaimed" % (
+        sum(len(g) for _n, g in names), objects, size(freed)) if names else "no sessions to prune")
     return 0

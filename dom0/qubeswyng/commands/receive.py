@@ -19,7 +19,7 @@ import struct
 from ..archive import Archive
 from ..errors import Fail
 from ..manifest import ZERO
-from ..progress import Progress, size
+from ..progress import Progress, say, size
 from ..settings import resolve
 from ..sources import open_source
 from . import pick_session
@@ -128,10 +128,9 @@ def run(opts, app):
             if abort:
                 abort()
             raise
-    if not opts.quiet:
-        print("%s: session %s received to %s (%s, %d chunks)" % (
-            vol["name"], ses["name"], path if opts.save_to else "%s in %s" % (vol["name"], opts.local),
-            size(ses["size"]), fetched))
+    say(opts, "%s: session %s received to %s (%s, %d chunks)" % (
+        vol["name"], ses["name"], path if opts.save_to else "%s in %s" % (vol["name"], opts.local),
+        size(ses["size"]), fetched))
     return 0
 
 
@@ -142,6 +141,5 @@ def run_verify(opts, app):
             ses = vol["sessions"][index]
             fetched = restore(archive, archive.chunk_map(vol, index), ses["size"], lambda _o, _d: None, opts,
                               name, zeros_needed=False)
-            if not opts.quiet:
-                print("%s: session %s verified (%s, %d chunks)" % (name, ses["name"], size(ses["size"]), fetched))
+            say(opts, "%s: session %s verified (%s, %d chunks)" % (name, ses["name"], size(ses["size"]), fetched))
     return 0

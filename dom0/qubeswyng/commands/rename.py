@@ -1,6 +1,7 @@
 """rename: give an archive volume another name (its data stays as it is)."""
 from ..archive import Archive
 from ..errors import Fail
+from ..progress import say
 from . import volume_name
 
 
@@ -15,6 +16,5 @@ def run(opts, app):
         vol["name"] = new
         archive.root["volumes"].sort(key=lambda v: v["name"])
         archive.commit()
-    if not opts.quiet:
-        print("renamed %s to %s" % (old, new))
+    say(opts, "renamed %s to %s" % (old, new))
     return 0

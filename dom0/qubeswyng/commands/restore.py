@@ -10,7 +10,7 @@ into Volume.import_data_with_size.
 from .. import qubes, settings
 from ..archive import Archive
 from ..errors import Fail
-from ..progress import size
+from ..progress import say, size
 from . import pick_session
 from .receive import restore
 
@@ -107,7 +107,6 @@ def run(opts, app):
                     archive, chunk_map, total, write, opts, label, zeros_needed=False))
             if p.created:
                 qubes.finish(p.vm)
-            if not opts.quiet:
-                print("%s: %s from session %s%s" % (p.target, "created" if p.created else "restored", p.session,
+            say(opts, "%s: %s from session %s%s" % (p.target, "created" if p.created else "restored", p.session,
                       "".join(", %s %s" % (n, size(t)) for n, t, _m, _l in p.data)))
     return 0

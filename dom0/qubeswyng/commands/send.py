@@ -15,7 +15,7 @@ from ..archive import Archive
 from ..clock import now
 from ..errors import Fail
 from ..manifest import ZERO, chunk_count
-from ..progress import Progress, notice, size
+from ..progress import Progress, notice, say, size
 from ..sources import open_all
 from ..sources.image import ImageSource
 from ..sources.snapshots import send_source
@@ -166,10 +166,9 @@ def report(opts, results):
         if st["session"] is None:
             notice(opts, "%s: unchanged, no session recorded" % st["volume"])
             continue
-        if not opts.quiet:
-            print("%s: session %s, %d of %d chunks changed, %s sent" % (
-                st["volume"], st["session"], st["chunks_changed"], st["chunks_scanned"],
-                size(st["bytes_sent"])))
+        say(opts, "%s: session %s, %d of %d chunks changed, %s sent" % (
+            st["volume"], st["session"], st["chunks_changed"], st["chunks_scanned"],
+            size(st["bytes_sent"])))
         if opts.verbose:
             print("  %s: read %d chunks (%s), sent %d, deduplicated %d, stored %s" % (
                 "incremental" if st["incremental"] else "in full", st["chunks_read"], size(st["bytes_read"]),
