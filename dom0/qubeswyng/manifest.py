@@ -85,7 +85,10 @@ def read(keys, parts, expect_mac, expect):
     parts = iter(parts)
     buf = bytearray()
     while len(buf) < HEAD.size:
-        buf += _next(parts)
+        part = next(parts, None)
+        if part is None:
+            raise Fail("manifest is truncated")
+        buf += part
     fields = HEAD.unpack(bytes(buf[:HEAD.size]))
     if fields[:2] != (MAGIC, 1) or fields[3:7] != (expect.chunk_size, expect.archive_id, expect.volume_id,
                                                    expect.session.encode().ljust(16, b"\0")) \
@@ -116,10 +119,3 @@ def read(keys, parts, expect_mac, expect):
     tag = mac.digest()
     if seen != count or bytes(buf) != tag or not hmac.compare_digest(tag, expect_mac):
         raise Fail("manifest of %s fails authentication" % expect.session)
-
-
-def _next(parts):
-    try:
-        return next(parts)
-    except StopIteration:
-        raise Fail("manifest is truncated") from None

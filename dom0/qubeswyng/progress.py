@@ -20,10 +20,8 @@ class Progress:
         self.start = self.last = time.monotonic()
 
     def update(self, done):
-        if not self.on:
-            return
         now = time.monotonic()
-        if now - self.last < 0.25:
+        if not self.on or now - self.last < 0.25:
             return
         self.last = now
         rate = done / max(now - self.start, 1e-6) / 1e6

@@ -79,8 +79,7 @@ class FileTarget:
 
 def restore(archive, chunk_map, total, write, opts, label, zeros_needed):
     """Fetch and check every chunk; ``write(offset, data)`` each one."""
-    cs = archive.chunk_size
-    count = len(chunk_map)
+    cs, count = archive.chunk_size, len(chunk_map)
 
     def length(i):
         return min(cs, total - i * cs)
