@@ -43,9 +43,8 @@ def clean(opts, app):
         raise Fail("delete --clean: give --dest (that archive's local data) or --all")
     archive_id = None
     if not opts.all:
-        archive = Archive(opts, app).open()
-        archive_id = archive.header.archive_id
-        archive.close()
+        with Archive(opts, app).open() as archive:
+            archive_id = archive.header.archive_id
     removed = clean_local(opts, archive_id)
     say(opts, "removed %d snapshots and the local metadata of %s" % (
         len(removed), "every archive" if opts.all else "archive %s" % archive_id.hex()))
