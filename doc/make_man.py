@@ -19,7 +19,8 @@ MAN = os.path.join(HERE, "qvm-wyng.1")
 sys.path.insert(0, os.path.join(TOP, "dom0"))
 
 from qubeswyng import cli, config, keys  # noqa: E402
-from qubeswyng.errors import EXIT_ERROR, EXIT_PARTIAL  # noqa: E402
+from qubeswyng.commands.diff import EXIT_DIFFERENT  # noqa: E402
+from qubeswyng.errors import EXIT_ERROR  # noqa: E402
 
 
 def roff(text):
@@ -136,7 +137,7 @@ def render():
         add(roff(what))
     add(".SH EXIT STATUS")
     for code, what in ((0, "success"), (EXIT_ERROR, "the command failed (the error is printed)"),
-                       (EXIT_PARTIAL, "some volumes failed, the others were done (each is reported)"),
+                       (EXIT_DIFFERENT, "diff: the volumes differ from their archived sessions"),
                        (130, "interrupted")):
         add(".TP")
         add("\\fB%d\\fR" % code)

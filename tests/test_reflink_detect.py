@@ -25,7 +25,7 @@ VOLUME = 64 * MiB
 BLOCK = 4 * KiB
 
 
-# -- changed_ranges and chunks_of on hand-built maps ---------------------------
+# -- changed_ranges on hand-built maps -----------------------------------------
 
 def test_split_extents_compare_by_mapping_not_by_extent_list():
     # The clone still has one extent; the volume was split around two writes.
@@ -110,15 +110,6 @@ def chunks_of(ranges, chunk_size):
             first = chunks[-1] + 1
         chunks.extend(range(first, (end - 1) // chunk_size + 1))
     return chunks
-
-
-def test_chunks_of_marks_every_chunk_a_range_touches():
-    assert chunks_of([], 64 * KiB) == []
-    assert chunks_of([(0, 1)], 64 * KiB) == [0]
-    assert chunks_of([(64 * KiB - 1, 64 * KiB + 1)], 64 * KiB) == [0, 1]
-    assert chunks_of([(64 * KiB, 128 * KiB)], 64 * KiB) == [1]
-    assert chunks_of([(10, 20), (30, 40), (64 * KiB + 5, 200 * KiB)], 64 * KiB) == [0, 1, 2, 3]
-    assert chunks_of([(5, 5)], 64 * KiB) == []
 
 
 # -- real filesystems ------------------------------------------------------------
