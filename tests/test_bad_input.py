@@ -52,6 +52,13 @@ def test_folder_that_is_not_an_archive(wyng, tmp_path):
                     "not a qubes-wyng archive")
 
 
+@pytest.mark.parametrize("damage", [b"", b"garbage", b'{"seq": 1}', b'{"seq": 1, "mac": "zz"}', b"[1]"])
+def test_damaged_root_seen_is_refused_not_taken_for_none(wyng, archived, damage):
+    seen = next(wyng.meta.glob("*/root-seen"))
+    seen.write_bytes(damage)
+    _one_line_error(wyng.run("list", expect=None), "root-seen is damaged")
+
+
 def test_arch_init_over_an_existing_archive(wyng, archived):
     before = tree_digests(wyng.archive)
     _one_line_error(wyng.init(expect=None), "exists and is not empty")

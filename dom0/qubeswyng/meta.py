@@ -16,6 +16,7 @@ import json
 import os
 import struct
 
+from .errors import Fail
 from .manifest import ChunkMap
 
 MAP_HEAD = struct.Struct(">8s32sQ")
@@ -43,12 +44,17 @@ class Meta:
         return os.path.join(self.dir, *names)
 
     def last_seen(self):
+        path = self._path("root-seen")
         try:
-            with open(self._path("root-seen")) as f:
+            with open(path) as f:
                 seen = json.load(f)
-            return seen["seq"], bytes.fromhex(seen["mac"])
+            return int(seen["seq"]), bytes.fromhex(seen["mac"])
         except FileNotFoundError:
             return None
+        except (ValueError, KeyError, TypeError):
+            # not "none seen": that would accept any root the agent offers
+            raise Fail("%s is damaged, so a rolled-back archive could not be detected; restore it from a "
+                       "backup of dom0, or remove it to trust the archive as it is now" % path) from None
 
     def save_seen(self, seq, mac):
         write_atomic(self._path("root-seen"), json.dumps({"seq": seq, "mac": mac.hex()}).encode())

@@ -60,7 +60,8 @@ class Rotation:
         except BaseException:
             os.close(self.lock)
             raise
-        state = meta.load_json(*self.file) or {}
+        state = meta.load_json(*self.file)
+        state = state if isinstance(state, dict) else {}  # a damaged record costs a full comparison
         here = (state.get("local"), state.get("name")) == (volume.local, volume.name)
         self.records = state.get("records", []) if here else []  # records of another pool do not count
         self.chunk_size = state.get("chunk_size")
