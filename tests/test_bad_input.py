@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,17 @@ def test_bad_arguments(wyng, archived, args, words):
 def test_failing_passcmd(wyng, archived):
     done = wyng.run("--authmin=0", "list", "--passcmd=exit 3", expect=None)
     _one_line_error(done, "--passcmd exited with status 3")
+
+
+def test_the_cached_key_serves_authmin_minutes_after_its_last_use_then_is_removed(wyng, archived):
+    at = int(time.time())
+    wyng.run("--authmin=1", "list", env={"QVM_WYNG_TEST_NOW": str(at)})
+    cache = Path("/run/qubes-wyng/auth") / next(wyng.meta.iterdir()).name
+    assert cache.exists() and cache.stat().st_mode & 0o777 == 0o600
+    wyng.run("list", "--passcmd=exit 3", env={"QVM_WYNG_TEST_NOW": str(at + 50)})  # and now until at + 110
+    done = wyng.run("list", "--passcmd=exit 3", expect=None, env={"QVM_WYNG_TEST_NOW": str(at + 111)})
+    _one_line_error(done, "--passcmd exited with status 3")
+    assert not cache.exists()
 
 
 def test_passphrase_from_stdin(wyng, archived):

@@ -6,14 +6,15 @@ scrypt.  From ``master`` HKDF derives K_id (chunk ids) and K_mac (manifest
 and root MACs), which never leave dom0, and K_enc, which the agent gets to
 encrypt what it stores.  Changing the passphrase re-wraps ``master`` only.
 """
+import contextlib
 import hashlib
 import hmac
 import os
 import struct
 import subprocess
 import sys
-import time
 
+from .clock import now
 from .errors import Fail
 from .meta import write_atomic
 
@@ -113,9 +114,13 @@ def cached_master(archive_id, authmin):
             expires, master = CACHE.unpack(f.read(CACHE.size))
     except (OSError, struct.error):
         return None
-    return master if time.time() < expires else None
+    if now() < expires:
+        return master
+    with contextlib.suppress(OSError):  # an expired key does not wait in memory for the next reboot
+        os.unlink(path)
+    return None
 
 
 def store_master(archive_id, master, authmin):
     if authmin > 0:
-        write_atomic(os.path.join(AUTH_DIR, archive_id.hex()), CACHE.pack(time.time() + authmin * 60, master))
+        write_atomic(os.path.join(AUTH_DIR, archive_id.hex()), CACHE.pack(now() + authmin * 60, master))
