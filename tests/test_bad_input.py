@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -97,7 +98,10 @@ def test_failing_passcmd(wyng, archived):
 
 def test_the_cached_key_serves_authmin_minutes_after_its_last_use_then_is_removed(wyng, archived):
     at = int(time.time())
+    other = Path("/run/qubes-wyng/auth") / os.urandom(16).hex()   # an archive not opened again
+    other.write_bytes(struct.pack(">d32s", at - 1, os.urandom(32)))
     wyng.run("--authmin=1", "list", env={"QVM_WYNG_TEST_NOW": str(at)})
+    assert not other.exists()
     cache = Path("/run/qubes-wyng/auth") / next(wyng.meta.iterdir()).name
     assert cache.exists() and cache.stat().st_mode & 0o777 == 0o600
     wyng.run("list", "--passcmd=exit 3", env={"QVM_WYNG_TEST_NOW": str(at + 50)})  # and now until at + 110

@@ -109,6 +109,13 @@ def cached_master(archive_id, authmin):
         if authmin < 0 and os.path.exists(path):
             os.unlink(path)
         return None
+    return _read_cache(path)
+
+
+def _read_cache(path):
+    """The master key cached at ``path``; None if there is none or its time
+    is up, and then it is deleted: an expired key does not wait in memory
+    for the next reboot."""
     try:
         with open(path, "rb") as f:
             expires, master = CACHE.unpack(f.read(CACHE.size))
@@ -116,11 +123,16 @@ def cached_master(archive_id, authmin):
         return None
     if now() < expires:
         return master
-    with contextlib.suppress(OSError):  # an expired key does not wait in memory for the next reboot
+    with contextlib.suppress(OSError):
         os.unlink(path)
     return None
 
 
 def store_master(archive_id, master, authmin):
+    """Cache the key for ``authmin`` minutes, and delete the expired keys of
+    every archive, also of those not opened again."""
     if authmin > 0:
         write_atomic(os.path.join(AUTH_DIR, archive_id.hex()), CACHE.pack(now() + authmin * 60, master))
+    for name in os.listdir(AUTH_DIR):
+        if not name.endswith(".new"):  # another command's key being written
+            _read_cache(os.path.join(AUTH_DIR, name))
