@@ -1,11 +1,11 @@
 """wyng-agent --self-check: one line of versions, exit 0; with either AEAD
 implementation; a clear failure when a module is missing."""
+import importlib.util
 import subprocess
 import sys
 
-import pytest
 
-from conftest import REPO
+from conftest import REPO, need
 
 VERSION = (REPO / "version").read_text().strip()
 BLOCK = "import sys; sys.modules[%r] = None; "
@@ -28,7 +28,7 @@ def test_self_check_passes_and_prints_one_line():
 
 
 def test_self_check_with_the_accelerator():
-    pytest.importorskip("cryptography")
+    need(importlib.util.find_spec("cryptography"), "the cryptography package (ci/requirements-test.txt)")
     done = self_check()
     assert done.returncode == 0, done.stderr
     assert "aead cryptography" in done.stdout

@@ -1,10 +1,10 @@
 """The top-level file "version" is the one version: the spec files and the
 Debian changelog take it at build time; the Python packages must agree."""
+import importlib.util
 import re
 
-import pytest
 
-from conftest import REPO
+from conftest import REPO, need
 
 VERSION = (REPO / "version").read_text().strip()
 
@@ -21,7 +21,8 @@ def test_python_packages_agree_with_the_version_file():
 
 
 def test_pyprojects_take_the_version_from_the_package():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11
+    need(importlib.util.find_spec("tomllib"), "Python 3.11 or later (tomllib)")
+    import tomllib
     for project, module in (("dom0", "qubeswyng"), ("backupvm", "wyngagent")):
         with open(REPO / project / "pyproject.toml", "rb") as f:
             meta = tomllib.load(f)
