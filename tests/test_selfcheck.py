@@ -4,7 +4,6 @@ import importlib.util
 import subprocess
 import sys
 
-
 from conftest import REPO, need
 
 VERSION = (REPO / "version").read_text().strip()

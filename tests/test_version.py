@@ -3,7 +3,6 @@ Debian changelog take it at build time; the Python packages must agree."""
 import importlib.util
 import re
 
-
 from conftest import REPO, need
 
 VERSION = (REPO / "version").read_text().strip()
