@@ -45,6 +45,18 @@ def size_runs(old, new, chunk_size):
     return [] if old == new else [(min(old, new) // chunk_size, chunk_count(new, chunk_size))]
 
 
+def _lock(meta, vid, wait, create=0):
+    """The flocked lock file of volume ``vid``'s snapshot state (``create``:
+    os.O_CREAT to make it); BlockingIOError if it is busy and not ``wait``."""
+    fd = os.open(os.path.join(meta.dir, "snapshots", vid + ".lock"), os.O_RDWR | os.O_CLOEXEC | create, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Rotation:
     """The snapshots of one local volume for one archive volume, under a
     lock that send waits for and monitor does not (BlockingIOError)."""
@@ -53,13 +65,7 @@ class Rotation:
         self.volume, self.meta, self.aid = volume, meta, meta.archive_id
         self.file = ("snapshots", vid + ".json")
         os.makedirs(os.path.join(meta.dir, "snapshots"), mode=0o700, exist_ok=True)
-        self.lock = os.open(os.path.join(meta.dir, "snapshots", vid + ".lock"),
-                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BaseException:
-            os.close(self.lock)
-            raise
+        self.lock = _lock(meta, vid, wait, os.O_CREAT)
         state = meta.load_json(*self.file)
         state = state if isinstance(state, dict) else {}  # a damaged record costs a full comparison
         here = (state.get("local"), state.get("name")) == (volume.local, volume.name)
@@ -185,18 +191,15 @@ def carry(meta, vid, old_mac, new_mac):
     one full comparison, never safety) if there is no state or a monitor is
     at work on it."""
     try:
-        lock = os.open(os.path.join(meta.dir, "snapshots", vid + ".lock"), os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
+        lock = _lock(meta, vid, wait=False)
+    except (FileNotFoundError, BlockingIOError):
         return
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         state = meta.load_json("snapshots", vid + ".json")
         records = state.get("records") if isinstance(state, dict) else None
         if isinstance(records, list):
             records += [dict(r, mac=new_mac) for r in records if isinstance(r, dict) and r.get("mac") == old_mac]
             meta.save_json(state, "snapshots", vid + ".json")
-    except BlockingIOError:
-        pass
     finally:
         os.close(lock)
 
