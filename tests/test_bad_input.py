@@ -189,3 +189,16 @@ def test_agent_killed_in_the_middle_of_a_send(wyng, tmp_path):
     assert json.loads(done.stdout)["volumes"][0]["chunks_deduplicated"] == 64 * 4
     wyng.receive("vol", tmp_path / "big-out")
     assert same(big, tmp_path / "big-out")
+
+
+def test_auth_cache_remembers_and_forgets(wyng, archived):
+    wyng.run("--authmin=5", "list")
+    wyng.passphrase = "wrong, but not asked"
+    wyng.run("--authmin=5", "list")  # the cached key answers
+    wyng.run("--authmin=-1", "list", expect=1)  # forgets, then asks: wrong
+    _one_line_error(wyng.run("--authmin=5", "list", expect=None), "wrong passphrase")
+
+
+def test_version(wyng):
+    done = wyng.run("version", expect=0)
+    assert done.stdout.startswith("qvm-wyng ")
