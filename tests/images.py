@@ -36,14 +36,22 @@ def overwrite(path, offset, data):
 
 
 def pwrite_pieces(path, pieces, data=None):
-    """pwrite random bytes (or ``data``) at (offset, length) pieces, then fsync."""
+    """pwrite random bytes that differ from every byte they replace (or
+    ``data``) at (offset, length) pieces, then fsync."""
     fd = os.open(path, os.O_RDWR)
     try:
         for offset, length in pieces:
-            os.pwrite(fd, data if data is not None else os.urandom(length), offset)
+            os.pwrite(fd, data if data is not None else _changed(os.pread(fd, length, offset), length), offset)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _changed(old, length):
+    """Random bytes, each different from the one at its place in ``old``
+    (a random byte equal to the old one would leave a chunk unchanged)."""
+    flip = int.from_bytes(os.urandom(length), "little") | int.from_bytes(b"\x01" * length, "little")
+    return (int.from_bytes(old.ljust(length, b"\0"), "little") ^ flip).to_bytes(length, "little")
 
 
 def digest(path):
