@@ -17,6 +17,12 @@
   volume only if exactly ``size`` bytes came (qubesd's "not enough data").
 - ``run_service('wyng.Agent')`` starts the real qubes-rpc/wyng.Agent over
   pipes, with cwd and HOME in ``<root>/vms/<name>``: the qube's filesystem.
+- Disposables (``add_new_vm('DispVM', ...)`` from a template for dispvms,
+  as qvm-backup-restore makes them): ``auto_cleanup``; ``kill`` of one that
+  is not running fails, and ends the processes its services run (SIGTERM,
+  so that a real wyng.Browse undoes its mounts on this host, where a real
+  qube would just vanish); with auto_cleanup the qube is removed.
+  ``run_service('wyng.Browse')`` runs the real qubes-rpc/wyng.Browse.
 - Every change to a qube is appended to ``app.changes``.
 """
 import itertools
@@ -27,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "qubes-rpc" / "wyng.Agent"
+BROWSE = REPO / "qubes-rpc" / "wyng.Browse"
 LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
 VM_PROPS = ("template", "netvm", "default_dispvm", "management_dispvm", "audiovm", "guivm")
 READ_ONLY = ("qid", "uuid", "xid", "ip", "visible_ip", "start_time", "stubdom_xid")
@@ -286,6 +293,8 @@ def _defaults(vm):
         found["template"] = None
     if cls == "AppVM":
         found["template_for_dispvms"] = False
+    if cls == "DispVM":
+        found["auto_cleanup"] = False
     return found
 
 
@@ -439,7 +448,7 @@ class QubesDouble:
     def __init__(self, root, pool_dir=None):
         self.root = Path(root)
         self.changes, self.service_calls = [], []
-        self.services = {"wyng.Agent": [str(AGENT)]}
+        self.services = {"wyng.Agent": [str(AGENT)], "wyng.Browse": [str(BROWSE)]}
         self.service_env = {}
         self.labels = {name: Label(name) for name in LABELS}
         self.domains = Domains()
@@ -467,7 +476,7 @@ class QubesDouble:
             raise DoubleError("qube %s exists or is not a valid name" % name)
         if (template is None) != (cls in ("StandaloneVM", "TemplateVM")):
             raise DoubleError("%s %s template" % (cls, "needs a" if template is None else "takes no"))
-        vm = VM(self, cls, name, next(self._qids))
+        vm = (DisposableVM if cls == "DispVM" else VM)(self, cls, name, next(self._qids))
         vm._props["label"] = str(self.get_label(label))
         set.add(vm.tags, "created-by-dom0")
         if template is not None:
@@ -482,6 +491,36 @@ class QubesDouble:
             vm.volumes[volume] = Volume(vm, volume, target, size, saved, snap)
         self.changes.append((name, "created", cls))
         return vm
+
+
+class DisposableVM(VM):
+    """A DispVM: its service processes end with it, and auto_cleanup removes it."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        object.__setattr__(self, "_procs", [])
+
+    def run_service(self, service, user=None, **kwargs):
+        proc = super().run_service(service, user=user, **kwargs)
+        self._procs.append((service, user, proc))
+        return proc
+
+    def kill(self):
+        if not self._running:
+            raise DoubleError("%s is not running" % self.name)  # QubesVMNotStartedError
+        object.__setattr__(self, "_running", False)
+        for _service, _user, proc in self._procs:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.auto_cleanup and self.name in self.app.domains:
+            del self.app.domains[self.name]
+
+    def shutdown(self, force=False, wait=False):
+        self.kill()
 
 
 # -- a small Qubes system for tests --------------------------------------------------

@@ -10,8 +10,8 @@ import sys
 import traceback
 
 from . import __version__, config
-from .commands import (add, arch_check, arch_deduplicate, arch_init, backup, delete, diff, list as list_cmd,
-                       monitor, prune, receive, rename, restore, send)
+from .commands import (add, arch_check, arch_deduplicate, arch_init, backup, browse, delete, diff,
+                       list as list_cmd, monitor, prune, receive, rename, restore, send)
 from .errors import EXIT_ERROR, Fail
 from .formats import CIPHERS
 
@@ -41,6 +41,14 @@ COMMANDS = {
     "restore": (restore.run, "[VMNAME ...|--all]", "restore qubes from their backup, creating missing ones",
                 ["dest", "all", "exclude", "session", "rename-to", "pool", "settings-only", "data-only",
                  "passcmd", "authmin"]),
+    "mount": (browse.run_mount, "VOLUME MOUNTPOINT",
+              "present a session of a volume read-only as MOUNTPOINT/VOLUME.img, fetched as it is read, "
+              "until MOUNTPOINT is unmounted (loop-mount the image to see its files)",
+              ["dest", "session", "session-strict", "passcmd", "authmin"]),
+    "browse": (browse.run_browse, "QUBE[:VOLUME]|VOLUME",
+               "open the files of a qube's volume (default private) in a session, in a new disposable qube "
+               "without network: dom0 never parses them",
+               ["dest", "session", "session-strict", "dispvm", "passcmd", "authmin"]),
     "monitor": (monitor.run, "[VOLUME ...|--all]",
                 "note the changes since the last send and renew the snapshots (no archive needed)",
                 ["local", "all"]),
@@ -108,6 +116,8 @@ OPTIONS = {
     "json": (None, dict(action="store_true", help="machine-readable output")),
     "exclude": (None, dict(action="append", default=[], metavar="VMNAME", help="leave this qube out of --all")),
     "qubes": (None, dict(action="store_true", help="list: one line per qube (last backup, sessions, size)")),
+    "dispvm": (None, dict(metavar="TEMPLATE", help="browse: the disposable template (default: the qube's "
+                                                  "default_dispvm, else the system's)")),
     "rename-to": (None, dict(metavar="NEWNAME", help="restore the one qube named under this name")),
     "pool": (None, dict(metavar="POOL", help="restore: create missing qubes' volumes in this pool")),
     "settings-only": (None, dict(action="store_true", help="restore: settings, not volume data")),

@@ -6,6 +6,8 @@ hand the VM objects back to them untouched, so that ``app`` may be
 raises become one-line ``Fail``s here.
 """
 import collections
+import contextlib
+import itertools
 import os
 import subprocess
 import threading
@@ -234,3 +236,42 @@ def import_volume(vm, name, size, produce):
         raise failed[0]
     if error or failed:
         raise Fail("%s: volume %s was not restored: %s" % (vm.name, name, error or "the import stopped reading"))
+
+
+# -- browsing: a disposable qube that presents a session (commands/browse.py) ------
+
+def browse_template(app, qube, given):
+    """--dispvm, else the default_dispvm of ``qube`` if it is on this system,
+    else the system's (doc/browse.md)."""
+    chosen = given or (qube in app.domains and app.domains[qube].default_dispvm) or app.default_dispvm
+    if not chosen:
+        raise Fail("no default disposable template: give --dispvm=TEMPLATE")
+    return get(app, str(chosen))
+
+
+def start_browser(app, template):
+    """A new disposable qube from ``template``, without network, running
+    wyng.Browse as root: (qube, Popen with stdin and stdout pipes).  Made as
+    qvm-backup-restore makes its disposable (a named DispVM with
+    auto_cleanup), so that killing it removes it."""
+    name = next("disp-wyng-%d" % n for n in itertools.count(1) if "disp-wyng-%d" % n not in app.domains)
+    vm = _call("cannot create a disposable qube from %s" % template.name, app.add_new_vm, "DispVM", name,
+               str(template.label), template=template.name)
+    try:
+        for key, value in (("auto_cleanup", True), ("netvm", None)):
+            _call("%s: cannot set %s" % (name, key), setattr, vm, key, value)
+        return vm, _call("cannot start wyng.Browse in %s" % name, vm.run_service, "wyng.Browse", user="root",
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except BaseException:
+        end_browser(app, vm)
+        raise
+
+
+def end_browser(app, vm):
+    """Kill the disposable (auto_cleanup removes it); one that is not running
+    (never started, or closed already) is removed, if it is still there."""
+    try:
+        vm.kill()
+    except Exception:
+        with contextlib.suppress(Exception):
+            del app.domains[vm.name]

@@ -1,9 +1,10 @@
 """Where the agent runs: a local process, or the wyng.Agent qrexec service.
 
 A transport is a process with two pipes (``stdin_fd`` for requests,
-``stdout_fd`` for replies), ``close()`` and ``exit_note()``.  ``--dest``
-picks it: ``file:/path`` runs the agent here (plain Linux, tests),
-``qubes://VM/path`` runs it in the backup VM.
+``stdout_fd`` for replies), ``close()``, ``status()`` and ``exit_note()``.
+``--dest`` picks it: ``file:/path`` runs the agent here (plain Linux,
+tests), ``qubes://VM/path`` runs it in the backup VM.  ``mount`` runs the
+VM package's other service, wyng.Browse, here the same way.
 """
 import contextlib
 import os
@@ -16,24 +17,30 @@ from urllib.parse import urlsplit
 from .errors import Fail
 from .settings import qube_name
 
-AGENT_PATHS = ("/etc/qubes-rpc/wyng.Agent", "/usr/lib/qubes-wyng/wyng.Agent")
+SERVICE_DIRS = ("/etc/qubes-rpc", "/usr/lib/qubes-wyng")
 
 
 class ProcessTransport:
-    def __init__(self, proc):
-        self.proc = proc
+    def __init__(self, proc, name="agent"):
+        self.proc, self.name = proc, name
         self.stdin_fd = proc.stdin.fileno()
         self.stdout_fd = proc.stdout.fileno()
 
-    def exit_note(self):
-        """How the agent ended, once it has (waiting a little for it)."""
+    def status(self):
+        """The exit status, once the process has ended (waiting a little); None if it goes on."""
         try:
-            code = self.proc.wait(5)
+            return self.proc.wait(5)
         except subprocess.TimeoutExpired:
+            return None
+
+    def exit_note(self):
+        """How the process ended, once it has."""
+        code = self.status()
+        if code is None:
             return ""
         if code < 0:
-            return " (agent killed by %s)" % signal.Signals(-code).name
-        return " (agent exit status %d)" % code
+            return " (%s killed by %s)" % (self.name, signal.Signals(-code).name)
+        return " (%s exit status %d)" % (self.name, code)
 
     def close(self):
         for f in (self.proc.stdin, self.proc.stdout):
@@ -46,20 +53,32 @@ class ProcessTransport:
             self.proc.wait()
 
 
-def local_agent_command():
-    """The agent executable for ``file:`` destinations."""
-    override = os.environ.get("QVM_WYNG_AGENT")
+def local_command(service="wyng.Agent"):
+    """The executable of a VM-side service run here: the agent for
+    ``file:`` destinations, wyng.Browse for ``mount``."""
+    short = service.split(".")[1]
+    override = os.environ.get("QVM_WYNG_" + short.upper())
     if override:
         return [override]
-    for path in AGENT_PATHS:
-        if os.access(path, os.X_OK):
-            return [path]
-    # an agent installed beside this interpreter (a venv), then on PATH
-    beside = os.path.join(os.path.dirname(sys.executable), "wyng-agent")
-    found = beside if os.access(beside, os.X_OK) else shutil.which("wyng-agent")
+    for folder in SERVICE_DIRS:
+        if os.access(os.path.join(folder, service), os.X_OK):
+            return [os.path.join(folder, service)]
+    # installed beside this interpreter (a venv), then on PATH
+    program = "wyng-" + short.lower()
+    beside = os.path.join(os.path.dirname(sys.executable), program)
+    found = beside if os.access(beside, os.X_OK) else shutil.which(program)
     if not found:
-        raise Fail("no local agent: install the qubes-wyng agent (wyng-agent) to use file: destinations")
+        raise Fail("no local %s: install the qubes-wyng VM half here (it has %s)" % (service, program))
     return [found]
+
+
+def local(service, name):
+    """A VM-side service started here, over pipes."""
+    try:
+        proc = subprocess.Popen(local_command(service), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    except OSError as e:
+        raise Fail("cannot start the %s: %s" % (name, e.strerror)) from None
+    return ProcessTransport(proc, name)
 
 
 def parse_dest(dest):
@@ -92,10 +111,6 @@ def start(dest, app=None):
     """Start the agent for ``dest``; returns (transport, archive path)."""
     kind, vm, path = parse_dest(dest)
     if kind == "file":
-        try:
-            proc = subprocess.Popen(local_agent_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        except OSError as e:
-            raise Fail("cannot start the agent: %s" % e.strerror) from None
-        return ProcessTransport(proc), path
+        return local("wyng.Agent", "agent"), path
     from . import qubes
     return ProcessTransport(qubes.run_agent(app, vm)), path

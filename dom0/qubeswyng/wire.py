@@ -43,10 +43,11 @@ def printable(raw):
 
 
 class Link:
-    """Frames over a pair of pipes to an agent, wherever it runs."""
+    """Frames over a pair of pipes to an agent, wherever it runs (or to
+    the browse service: ``name`` is who the errors name)."""
 
-    def __init__(self, transport):
-        self.transport = transport
+    def __init__(self, transport, name="agent"):
+        self.transport, self.name = transport, name
         self.wfd, rfd = transport.stdin_fd, transport.stdout_fd
         for fd in (self.wfd, rfd):
             with contextlib.suppress(OSError):  # not a pipe, or limited: only slower
@@ -82,18 +83,18 @@ class Link:
     def _exact(self, n):
         data = self.rfile.read(n)
         if len(data) != n:
-            raise LinkBroken("the agent closed the connection%s" % self.transport.exit_note())
+            raise LinkBroken("the %s closed the connection%s" % (self.name, self.transport.exit_note()))
         return data
 
     def frame(self, accept, max_len):
         """Read one frame; return (op, payload).  ERR always raises."""
         op, length = HEADER.unpack(self._exact(HEADER.size))
         if op == ERR and length <= MAX_ERROR:
-            raise AgentError("agent: " + printable(self._exact(length)))
+            raise AgentError("%s: %s" % (self.name, printable(self._exact(length))))
         if op not in accept:
-            raise LinkBroken("agent sent an unexpected reply (%d)" % op)
+            raise LinkBroken("%s sent an unexpected frame (op %d)" % (self.name, op))
         if length > max_len:
-            raise LinkBroken("agent sent %d bytes where at most %d are allowed" % (length, max_len))
+            raise LinkBroken("%s sent %d bytes where at most %d are allowed" % (self.name, length, max_len))
         return op, self._exact(length)
 
     def reply(self, max_len=0):
