@@ -2,7 +2,8 @@
 
 Tests always exercise this checkout: its ``dom0`` and ``backupvm`` folders
 come first on the import path (also for the subprocesses they start), and
-``file:`` archives run this checkout's ``qubes-rpc/wyng.Agent``.
+``file:`` archives run this checkout's ``qubes-rpc/wyng.Agent`` (and ``mount``
+its ``qubes-rpc/wyng.Browse``).
 """
 import contextlib
 import hashlib
@@ -24,6 +25,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 # the agent's "#!/usr/bin/env python3" must find this interpreter's packages
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
 os.environ["QVM_WYNG_AGENT"] = str(AGENT)
+os.environ["QVM_WYNG_BROWSE"] = str(REPO / "qubes-rpc" / "wyng.Browse")
 # never the real /etc/wyng/wyng.ini: tests that want one pass --config
 os.environ["QVM_WYNG_CONFIG"] = os.devnull
 os.environ["TZ"] = "UTC"  # session names are local time; tests choose their times in UTC

@@ -68,7 +68,7 @@ def local_command(service="wyng.Agent"):
     beside = os.path.join(os.path.dirname(sys.executable), program)
     found = beside if os.access(beside, os.X_OK) else shutil.which(program)
     if not found:
-        raise Fail("no local %s: install the qubes-wyng VM half here (it has %s)" % (service, program))
+        raise Fail("no local %s: install the qubes-wyng VM half (%s) here" % (service, program))
     return [found]
 
 
