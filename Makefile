@@ -107,7 +107,9 @@ install-dom0:
 
 install-vm:
 	install -d $(DESTDIR)$(SYSCONFDIR)/qubes-rpc
-	sed -e '1s|^#!.*|#!$(SHEBANG)|' qubes-rpc/wyng.Agent > $(DESTDIR)$(SYSCONFDIR)/qubes-rpc/wyng.Agent
-	chmod 0755 $(DESTDIR)$(SYSCONFDIR)/qubes-rpc/wyng.Agent
+	for service in wyng.Agent wyng.Browse; do \
+	    sed -e '1s|^#!.*|#!$(SHEBANG)|' qubes-rpc/$$service > $(DESTDIR)$(SYSCONFDIR)/qubes-rpc/$$service && \
+	    chmod 0755 $(DESTDIR)$(SYSCONFDIR)/qubes-rpc/$$service || exit 1; \
+	done
 
 FORCE:

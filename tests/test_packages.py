@@ -166,9 +166,10 @@ def test_dom0_rpm_holds_the_right_files_with_the_right_modes(built):
 def test_vm_rpm_holds_the_right_files_with_the_right_modes(built):
     files = rpm_files(built["vm"])
     site = sitelib(files, "wyngagent")
-    assert files["/etc/qubes-rpc/wyng.Agent"][0] == 0o100755
-    assert "c" not in files["/etc/qubes-rpc/wyng.Agent"][1], "the service is code, not configuration"
-    assert files["/usr/bin/wyng-agent"][0] == 0o100755
+    for service, program in (("wyng.Agent", "wyng-agent"), ("wyng.Browse", "wyng-browse")):
+        assert files["/etc/qubes-rpc/" + service][0] == 0o100755
+        assert "c" not in files["/etc/qubes-rpc/" + service][1], "the service is code, not configuration"
+        assert files["/usr/bin/" + program][0] == 0o100755
     assert license_of(files, "qubes-wyng-vm")
     assert packaged_modules(files, site, "wyngagent") == source_modules("backupvm", "wyngagent")
     assert "%s/qubes_wyng_agent-%s.dist-info/METADATA" % (site, VERSION) in files
@@ -177,8 +178,9 @@ def test_vm_rpm_holds_the_right_files_with_the_right_modes(built):
 
 def test_deb_holds_the_right_files_with_the_right_modes(built):
     files = deb_files(built["deb"])
-    assert mode_of(files["/etc/qubes-rpc/wyng.Agent"]) == 0o755
-    assert mode_of(files["/usr/bin/wyng-agent"]) == 0o755
+    for path in ("/etc/qubes-rpc/wyng.Agent", "/etc/qubes-rpc/wyng.Browse", "/usr/bin/wyng-agent",
+                 "/usr/bin/wyng-browse"):
+        assert mode_of(files[path]) == 0o755, path
     site = "/usr/lib/python3/dist-packages"
     assert packaged_modules(files, site, "wyngagent") == source_modules("backupvm", "wyngagent")
     for path, perms in files.items():
@@ -197,7 +199,8 @@ def test_no_test_or_development_file_is_packaged(built, kind):
 def test_shebangs_name_the_system_python(built, tmp_path):
     for kind in ("dom0", "vm", "deb"):
         root = unpack(built, kind, tmp_path / kind)
-        for script in ("usr/bin/qvm-wyng", "usr/bin/wyng-agent", "etc/qubes-rpc/wyng.Agent"):
+        for script in ("usr/bin/qvm-wyng", "usr/bin/wyng-agent", "usr/bin/wyng-browse", "etc/qubes-rpc/wyng.Agent",
+                       "etc/qubes-rpc/wyng.Browse"):
             if (root / script).exists():
                 assert (root / script).read_text().splitlines()[0] == "#!/usr/bin/python3", (kind, script)
 
@@ -297,6 +300,8 @@ def test_rpm_payloads_run_from_a_scratch_root(built, tmp_path):
     assert done.stdout.startswith("wyng-agent %s self-check ok: aead " % VERSION)
     done = run_isolated(python, [str(root / "etc/qubes-rpc/wyng.Agent")], path, cwd, input="")
     assert (done.returncode, done.stdout) == (0, ""), done.stderr
+    done = run_isolated(python, [str(root / "etc/qubes-rpc/wyng.Browse")], path, cwd, input="", errors="replace")
+    assert done.returncode == 1 and done.stdout.endswith("dom0 did not name a volume"), done.stderr  # ERR, to dom0
 
 
 def system_python_has(*modules):

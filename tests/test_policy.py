@@ -39,7 +39,7 @@ def test_every_rule_has_valid_syntax():
 def test_no_qube_may_call_any_wyng_service():
     denied = {(service, target) for service, argument, source, target, action, *_ in rules()
               if argument == "*" and source == "@anyvm" and action == "deny"}
-    assert SERVICES == ["wyng.Agent"]
+    assert SERVICES == ["wyng.Agent", "wyng.Browse"]
     for service in SERVICES:
         assert (service, "@adminvm") in denied, "into dom0"
         assert (service, "@anyvm") in denied, "into another qube (the backup qube's agent)"
