@@ -107,10 +107,10 @@ class RangeServer:
         wanted = [(i, self.map[i], min(self.cs, self.size - i * self.cs)) for i in indexes
                   if i not in self.cache and self.map[i] != ZERO]
         for index, data in self.archive.fetch(wanted):  # each checked against its id
+            if len(self.cache) >= self.capacity:
+                self.cache.popitem(last=False)
             self.cache[index] = data
             self.fetched += 1
-            if len(self.cache) > self.capacity:
-                self.cache.popitem(last=False)
 
 
 def open_session(opts, archive, name):
