@@ -88,8 +88,8 @@ class OneFile:
             try:
                 reply = self.handle(opcode, node, request[IN_HEADER.size:length])
                 error = 0
-            except OSError as e:
-                reply, error = b"", e.errno or errno.EIO
+            except Exception as e:  # an answer in any case: a request left unanswered hangs its caller
+                reply, error = b"", getattr(e, "errno", None) or errno.EIO
             try:
                 os.writev(fd, [OUT_HEADER.pack(OUT_HEADER.size + len(reply), -error, unique), reply])
             except OSError as e:
