@@ -40,6 +40,7 @@ def volume(tmp_path_factory):
     added, changed and deleted; the third adds a 100 MiB file."""
     need_root()
     need(which("mkfs.ext4") and which("filefrag"), "e2fsprogs")
+    need(os.path.exists("/dev/fuse"), "/dev/fuse (FUSE in the kernel)")
     tmp = tmp_path_factory.mktemp("mount")
     wyng = Wyng(tmp)
     wyng.init()

@@ -258,7 +258,10 @@ def main():
             browse(dom0, size, when, name)
         return 0
     except (Error, OSError, wire.ProtocolError) as e:
-        dom0.say(str(e), wire.ERR)
+        text = str(e)
+        if isinstance(e, OSError) and e.strerror:
+            text = "%s: %s" % (e.filename, e.strerror) if e.filename else e.strerror
+        dom0.say(text, wire.ERR)
         return 1
     except KeyboardInterrupt:
         return 130
