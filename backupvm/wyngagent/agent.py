@@ -9,8 +9,9 @@ import sys
 
 from . import __version__, wire
 from .archive import Archive, ArchiveError, PART
+from .lease import LeaseError
 from .objects import Codec, ObjectError
-from .scan import CLEAN, Scan
+from .scan import CLEAN, Scan, sweep
 from .storage import open_store
 
 OPEN = struct.Struct(">BBbI")  # cipher, compression, level, chunk size
@@ -18,7 +19,7 @@ CHUNK_ID = 32
 MANIFEST_ID = 16
 MAX_CHUNK = 2 << 20
 SCAN_ITEM = struct.Struct(">16sI")  # manifest name, group
-FATAL = (ArchiveError, ObjectError, OSError, wire.ProtocolError)
+FATAL = (ArchiveError, LeaseError, ObjectError, OSError, wire.ProtocolError)
 
 
 class Session:
@@ -39,8 +40,8 @@ class Session:
                 raise wire.ProtocolError("HELLO must come first")
             if handler(self, payload) is False:
                 return 0
-            if self.archive:
-                self.archive.renew_lock()
+            if self.archive and self.archive.lease.lost:  # found by the renewal thread
+                raise LeaseError(self.archive.lease.lost)
 
     def stream(self, op, first):
         """Parts of a multi-frame upload: ``last:u8 | bytes`` frames of one op."""
@@ -190,6 +191,10 @@ HANDLERS = {
 
 
 def main():
+    try:
+        sweep()
+    except OSError:
+        pass  # only tidiness
     session = Session(wire.Reader(0), wire.Writer(1))
     try:
         return session.run()

@@ -5,18 +5,16 @@ Layout (doc/FORMAT.md): ``header`` (opaque to the agent, written by dom0),
 ``lock``.  Chunk data is never rewritten; the root is written last in every
 mutation, after everything it refers to is durable.
 """
-import json
 import os
-import socket
 import threading
 import time
 
 from .hooks import point
+from .lease import Lease
 from .objects import MAGIC
 
-HEADER_NAME, ROOT_NAME, LOCK_NAME, GARBAGE_NAME = "header", "archive", "lock", "garbage"
-# flags of LOCK's reply
-LOCK_GARBAGE, LOCK_FORCED, LOCK_STALE = 1, 2, 4
+HEADER_NAME, ROOT_NAME, GARBAGE_NAME = "header", "archive", "garbage"
+LOCK_GARBAGE = 1  # a flag of LOCK's reply; lease.py has the others
 MAX_HEADER = 64 << 10
 PART = 1 << 20  # plaintext per segment of manifests and the root
 # an object shorter than this cannot be a sealed chunk: a crash left it
@@ -41,9 +39,7 @@ class Archive:
         self.store = store
         self.codec = None
         self.chunk_size = None
-        self.lock_token = None
-        self.lock_ttl = 0
-        self.lock_renewed = 0.0
+        self.lease = Lease(store)
         self.stats = [0, 0, 0, 0]  # stored, deduplicated, bytes in, bytes stored
         self.writers = Workers(min(4, os.cpu_count() or 1))
         self.writing = set()  # ids of chunks being stored right now
@@ -72,31 +68,13 @@ class Archive:
     def open(self, codec, chunk_size):
         self.codec, self.chunk_size = codec, chunk_size
 
-    # -- writer lock ------------------------------------------------------
+    # -- writer lock (lease.py) ----------------------------------------------
     def lock(self, owner, ttl, force):
         """Take the writer lock; returns (flags, previous holder)."""
-        token = os.urandom(8).hex()
-        body = self._lock_body(owner, ttl, token)
-        flags, holder_name = 0, ""
-        if not self.store.create_exclusive(LOCK_NAME, body):
-            holder = self._read_lock() or {}
-            holder_name = str(holder.get("owner", "?"))[:200]
-            if _lock_is_live(holder):
-                if not force:
-                    raise ArchiveError("archive is locked by %s until %s (--force takes it over)" % (
-                        holder_name, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["expires"]))))
-                flags |= LOCK_FORCED
-            else:
-                flags |= LOCK_STALE
-            self.store.write(LOCK_NAME, body, durable=True)
-            time.sleep(0.05)  # let a racing taker's write land, then check who won
-            if (self._read_lock() or {}).get("token") != token:
-                raise ArchiveError("archive lock was taken by another writer")
-        self.lock_token, self.lock_ttl, self.lock_owner = token, ttl, owner
-        self.lock_renewed = time.monotonic()
+        flags, holder = self.lease.take(owner, ttl, force)
         if self.store.size(GARBAGE_NAME) is not None:
             flags |= LOCK_GARBAGE
-        return flags, holder_name
+        return flags, holder
 
     def mark_garbage(self):
         """A prune or delete starts: whatever happens next, the next writer
@@ -104,32 +82,12 @@ class Archive:
         self.require_lock()
         self.store.write(GARBAGE_NAME, b"", durable=True)
 
-    def renew_lock(self):
-        """Called between requests and during long scans: push the expiry
-        forward while working."""
-        if self.lock_token and time.monotonic() - self.lock_renewed > self.lock_ttl / 3:
-            self.store.write(LOCK_NAME, self._lock_body(self.lock_owner, self.lock_ttl, self.lock_token))
-            self.lock_renewed = time.monotonic()
-
     def unlock(self):
-        if self.lock_token and (self._read_lock() or {}).get("token") == self.lock_token:
-            self.store.delete(LOCK_NAME)
-        self.lock_token = None
+        self.lease.release()
 
     def require_lock(self):
-        if not self.lock_token:
+        if self.lease.body is None:
             raise ArchiveError("a writer must hold the archive lock")
-
-    def _lock_body(self, owner, ttl, token):
-        return json.dumps({"owner": "%s on %s (pid %d)" % (owner, socket.gethostname(), os.getpid()),
-                           "host": socket.gethostname(), "pid": os.getpid(),
-                           "expires": time.time() + ttl, "token": token}).encode()
-
-    def _read_lock(self):
-        try:
-            return json.loads(self.store.read(LOCK_NAME))
-        except (FileNotFoundError, ValueError):
-            return None
 
     # -- objects ------------------------------------------------------------
     def root(self):
@@ -210,24 +168,10 @@ class Archive:
         self.store.sync()
         sealed = list(self.codec.seal_stream(ROOT_NAME, parts))
         point("agent:before-root")
+        self.lease.confirm()  # a writer that lost the lock must not replace the root
         self.store.write(ROOT_NAME, sealed, durable=True)
         point("agent:after-root")
 
-
-
-def _lock_is_live(holder):
-    """A lock counts until it expires, unless its holder ran on this host
-    and is gone (killed): then it is stale at once."""
-    if not isinstance(holder.get("expires"), (int, float)) or holder["expires"] <= time.time():
-        return False
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        try:
-            os.kill(holder["pid"], 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-    return True
 
 
 class Workers:

@@ -10,9 +10,13 @@ second byte when a bucket is larger), sorts the slice and walks it beside
 the matching chunk folder: an id without an object is missing, an object
 without a record is unused.
 """
+import contextlib
+import fcntl
 import os
+import shutil
 import struct
 import tempfile
+import time
 
 from .archive import GARBAGE_NAME, ArchiveError, Workers, chunk_name, manifest_name
 from .hooks import point
@@ -28,6 +32,7 @@ ZERO = bytes(32)
 SLICE = 1 << 18  # records sorted at once: about 25 MB
 DELETERS = 8  # unused chunks are looked at and removed by a few threads (I/O bound)
 TMP = ".tmp-"
+SCRATCH = "wyng-scan-"  # prefix of the temporary folders
 
 
 class Scan:
@@ -42,20 +47,24 @@ class Scan:
         self.deleters = Workers(DELETERS)
 
     def run(self):
-        with tempfile.TemporaryDirectory(prefix="wyng-scan-") as tmp:
+        with scratch() as tmp:
             counts = self._distribute(tmp)
             # a manifest that cannot be read may use any chunk: delete none then
             self.may_delete = self.mode & CLEAN and self.mode & WHOLE and not self.bad
             for b in range(256):
+                if self.mode & CLEAN:  # a writer that lost the lock deletes nothing more
+                    self.archive.lease.confirm()
                 self._bucket(os.path.join(tmp, "%02x" % b), b, counts[b])
-                self.archive.renew_lock()
                 if b == 127:
                     point("agent:scan-half")
         self.deleters.drain()
         if self.mode & WHOLE:
             self._manifests_and_leftovers()
         if self.may_delete:
+            self.archive.lease.confirm()
+            point("agent:before-garbage-removed")
             self.store.delete(GARBAGE_NAME)
+            point("agent:after-garbage-removed")
         return self.report()
 
     # -- pass 1 ------------------------------------------------------------
@@ -179,6 +188,7 @@ class Scan:
         """On a worker thread: count an unused chunk, remove it if allowed."""
         size = self.store.size(name) or 0
         if self.may_delete:
+            self.archive.lease.valid()
             self.store.delete(name)
         with self.deleters.mutex:
             self.unused[0] += 1
@@ -193,6 +203,7 @@ class Scan:
             self._remove(name)
 
     def _remove(self, name):
+        self.archive.lease.valid()
         self.removed[1] += self.store.size(name) or 0
         self.store.delete(name)
         self.removed[0] += 1
@@ -207,7 +218,7 @@ class Scan:
                 if self.mode & CLEAN:
                     self._remove(name)
         for name in list(self.store.list("", recursive=False)):
-            if TMP in name:
+            if TMP in name or self.archive.lease.debris(name):
                 self._leftover(name)
 
     def report(self):
@@ -227,3 +238,41 @@ class Scan:
         if self.mode & CLEAN:
             out.append(REPORT.pack(REMOVED, 0, self.removed[0], self.removed[1], 0))
         return out
+
+
+@contextlib.contextmanager
+def scratch():
+    """A private temporary folder for one scan's bucket files.  Its owner
+    holds a lock on ``.owner`` inside while it works, so that ``sweep`` in
+    a later agent can tell a killed agent's folder from one in use."""
+    tmp = tempfile.mkdtemp(prefix=SCRATCH)
+    try:
+        with open(os.path.join(tmp, ".owner-new"), "wb") as owner:
+            fcntl.flock(owner, fcntl.LOCK_EX)
+            os.rename(owner.name, os.path.join(tmp, ".owner"))
+            yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep():
+    """At agent start: remove the scan folders of agents that were killed
+    (their ``.owner`` is unlocked, or missing for an hour)."""
+    top = tempfile.gettempdir()
+    for entry in os.scandir(top):
+        if not entry.name.startswith(SCRATCH) or not entry.is_dir(follow_symlinks=False) or \
+                entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+            continue
+        try:
+            fd = os.open(os.path.join(entry.path, ".owner"), os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime > 3600:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # in use
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry.path, ignore_errors=True)

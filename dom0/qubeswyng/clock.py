@@ -2,8 +2,8 @@
 
 ``QVM_WYNG_TEST_NOW`` (Unix seconds) replaces the clock, so that tests can
 make sessions at chosen times.  ``QVM_WYNG_TEST_CRASH=LABEL`` SIGKILLs the
-process at the point named LABEL, ``QVM_WYNG_TEST_PAUSE=LABEL`` stops there
-until killed.  All three are for tests only: unset, they do nothing.
+process at the point named LABEL, ``QVM_WYNG_TEST_PAUSE=LABEL`` stops it there
+(SIGSTOP: until SIGCONT or killed).  All three are for tests only: unset, they do nothing.
 """
 import os
 import signal
@@ -19,4 +19,4 @@ def point(label):
     if os.environ.get("QVM_WYNG_TEST_CRASH") == label:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("QVM_WYNG_TEST_PAUSE") == label:
-        time.sleep(3600)
+        os.kill(os.getpid(), signal.SIGSTOP)

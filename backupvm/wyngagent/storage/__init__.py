@@ -6,7 +6,8 @@ such as ``chunks/ab/ab12…`` (doc/FORMAT.md lists them):
 - ``write(name, parts, durable=False)``: create or replace the object
   atomically (a reader sees the old object or the whole new one, never a
   part); ``durable`` makes it survive a power loss before returning.
-- ``create_exclusive(name, data)``: create only if absent; False if present.
+- ``create_exclusive(name, data)``: create only if absent, atomically with
+  its content (a reader sees no object or all of it); False if present.
 - ``read(name)`` (whole object, bytes) and ``open(name)`` (a file-like
   object with ``read(n)`` and ``close()``); both raise FileNotFoundError.
 - ``size(name)`` (None if absent), ``list(prefix, recursive=True)`` (names

@@ -47,15 +47,20 @@ class LocalStore:
             self._fsync_dir(folder)
 
     def create_exclusive(self, name, data):
-        try:
-            fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return False
+        """Written aside, then linked into place: a reader never sees the
+        object empty (the lock relies on it)."""
+        final = self.path(name)
+        temp = final + TMP_SUFFIX + secrets.token_hex(4)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, data)
             os.fsync(fd)
+            os.link(temp, final)
+        except FileExistsError:
+            return False
         finally:
             os.close(fd)
+            os.unlink(temp)
         return True
 
     def read(self, name):
