@@ -9,6 +9,7 @@ import sys
 
 from . import __version__, wire
 from .archive import Archive, ArchiveError, PART
+from .hooks import point
 from .lease import LeaseError
 from .objects import Codec, ObjectError
 from .scan import CLEAN, Scan, sweep
@@ -51,6 +52,7 @@ class Session:
                 raise wire.ProtocolError("empty part")
             if len(payload) - 1 > PART:
                 raise wire.ProtocolError("part too large")
+            point("agent:in-upload")
             yield payload[1:]
             if payload[0]:
                 return

@@ -10,7 +10,8 @@ import threading
 import time
 
 from .hooks import point
-from .lease import Lease
+from .lease import LOCK_NAME, Lease
+from .storage.local import TMP_SUFFIX
 from .objects import MAGIC
 
 HEADER_NAME, ROOT_NAME, GARBAGE_NAME = "header", "archive", "garbage"
@@ -48,8 +49,10 @@ class Archive:
     def init(self, header):
         if len(header) > MAX_HEADER:
             raise ArchiveError("header too large")
-        # a folder holding only a header is an arch-init that was interrupted
-        if any(name != HEADER_NAME for name in self.store.list("")):
+        # a folder holding only a header (and the lock and temporary files of
+        # its writer) is an arch-init that was interrupted
+        if any(name != HEADER_NAME and name.split(".")[0] != LOCK_NAME and TMP_SUFFIX not in name
+               for name in self.store.list("")):
             raise ArchiveError("destination %s exists and is not empty" % self.store.root)
         self.store.make_root()
         self.store.write(HEADER_NAME, header, durable=True)

@@ -44,6 +44,7 @@ class Archive:
         master = os.urandom(32)
         self.link.send(wire.INIT, header.seal(passphrase, master))
         self.link.reply()
+        point("dom0:init-header")
         self._start(header, master)
         self.lock()
         self.root = new_root(header.archive_id)

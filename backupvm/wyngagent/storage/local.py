@@ -3,6 +3,8 @@ import ctypes
 import os
 import secrets
 
+from ..hooks import point
+
 _libc = ctypes.CDLL(None, use_errno=True)
 TMP_SUFFIX = ".tmp-"
 SYNC_FILE_RANGE_WRITE = 2
@@ -42,6 +44,7 @@ class LocalStore:
             os.unlink(temp)
             raise
         os.close(fd)
+        point("agent:before-rename-" + name.split("/")[0])
         os.rename(temp, final)
         if durable:
             self._fsync_dir(folder)
