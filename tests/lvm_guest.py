@@ -47,7 +47,9 @@ CACHE = Path(os.environ.get("WYNG_GUEST_CACHE", "/var/tmp/qubes-wyng-guest"))
 REPO = Path(__file__).resolve().parent.parent
 QEMU = "qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"
-MODULES = ("virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "overlay", "dm_thin_pool", "dm_snapshot", "loop")
+# dm_log_writes, ext4 and virtio_net: the power-loss test (tests/test_power_loss.py)
+MODULES = ("virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "overlay", "dm_thin_pool", "dm_snapshot", "loop",
+           "dm_log_writes", "ext4", "virtio_net")
 HOST_TOOLS = ("modprobe", "lvm", "dmsetup", "thin_delta")
 SIGNATURE = b"~Module signature appended~\n"
 DISK_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}$")
@@ -309,7 +311,7 @@ class Guest:
                 f.truncate(size)
         return path
 
-    def run(self, script, disks=(), timeout=120, env=None):
+    def run(self, script, disks=(), timeout=120, env=None, qemu_args=()):
         """Boot, run ``script`` with ``/bin/sh -e`` as root in the chroot, with
         cwd at the checkout, and power off; returns a ``Result``.
 
@@ -318,7 +320,8 @@ class Guest:
         The script also gets $WYNG_OUT (the run directory, shared with the
         host: write results there), $REPO, $PYTHON (this interpreter) and
         PYTHONPATH with the checkout's dom0 and backupvm. ``env`` adds
-        variables. The whole boot is bounded by ``timeout`` seconds."""
+        variables, ``qemu_args`` devices (a network, say). The whole boot
+        is bounded by ``timeout`` seconds."""
         kernel, initrd = build(self.kernel)
         self.runs += 1
         run_dir = self.dir / ("run%d" % self.runs)
@@ -350,7 +353,7 @@ class Guest:
                "-fsdev", "local,id=hostroot,path=/,security_model=passthrough,readonly=on,multidevs=remap",
                "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
                "-fsdev", "local,id=run,path=%s,security_model=passthrough,multidevs=remap" % _qemu_path(run_dir),
-               "-device", "virtio-9p-pci,fsdev=run,mount_tag=run"] + drives
+               "-device", "virtio-9p-pci,fsdev=run,mount_tag=run"] + drives + list(qemu_args)
         start = time.monotonic()
         with open(run_dir / "qemu.log", "wb") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
