@@ -238,3 +238,25 @@ def test_a_holder_that_stalled_goes_on_only_if_nobody_took_its_lock(wyng):
     b.confirm()
     b.release()
     assert not any(p.name.startswith("lock") for p in wyng.archive.iterdir())
+
+
+def test_a_collector_that_lost_the_lock_deletes_nothing(wyng, tmp_path):
+    """GC confirms the lease before it deletes: a collector whose lock was
+    taken over (--force) stops with an error, and the chunk no session
+    uses is still there (the new holder may have counted on it)."""
+    from qubeswyng.wire import AgentError
+    image = make(tmp_path / "img", 2 * 64 * KiB, [(0, 2 * 64 * KiB, "random")])
+    wyng.init()
+    wyng.send("vol", image)
+    unused = wyng.archive / "chunks" / "00" / ("00" * 32)
+    unused.parent.mkdir(exist_ok=True)
+    unused.write_bytes(os.urandom(1000))
+    a = _writer(wyng)
+    b = _writer(wyng, "send", "--force")
+    with pytest.raises(AgentError, match="the archive lock was taken over by qvm-wyng send on"):
+        a.collect()
+    a.close()
+    assert unused.exists()
+    b.collect()
+    b.close()
+    assert not unused.exists()
