@@ -11,8 +11,8 @@ import time
 
 from .hooks import point
 from .lease import LOCK_NAME, Lease
-from .storage.local import TMP_SUFFIX
 from .objects import MAGIC
+from .storage.local import TMP_SUFFIX
 
 HEADER_NAME, ROOT_NAME, GARBAGE_NAME = "header", "archive", "garbage"
 LOCK_GARBAGE = 1  # a flag of LOCK's reply; lease.py has the others
