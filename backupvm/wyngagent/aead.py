@@ -1,23 +1,22 @@
 """XChaCha20-Poly1305 (the IETF construction libsodium also implements).
 
-pycryptodome(x) is the required implementation.  When the ``cryptography``
-package is present its OpenSSL ChaCha20-Poly1305 is used instead, with the
-HChaCha20 subkey computed from one ChaCha20 block: it is several times
-faster and produces identical bytes (tests/test_objects.py checks both).
+The agent seals and opens with OpenSSL's ChaCha20-Poly1305 through the
+``cryptography`` package (a dependency of every install: doc/decisions.md),
+with the HChaCha20 subkey computed from one ChaCha20 block.  pycryptodome's
+XChaCha20-Poly1305 (``ref_seal``/``ref_open``) is the independent reference
+that the tests and ``wyng-agent --self-check`` hold it against, with the
+published test vectors (draft-irtf-cfrg-xchacha-03, 2.2.1 and A.3.1).
 """
 import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 try:
     from Cryptodome.Cipher import ChaCha20_Poly1305
 except ImportError:  # pycryptodome as PyPI ships it (Debian's ships Cryptodome)
     from Crypto.Cipher import ChaCha20_Poly1305
-
-try:
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-    from cryptography.exceptions import InvalidTag
-except ImportError:
-    ChaCha20Poly1305 = None
 
 NONCE, TAG = 24, 16
 _SIGMA = struct.unpack("<4I", b"expand 32-byte k")
@@ -34,36 +33,32 @@ def hchacha20(key, nonce16):
                        *[(w[12 + i] - n[i]) & 0xFFFFFFFF for i in range(4)])
 
 
-# older cryptography (Debian 12 has 38) takes only bytes as data, not
-# memoryviews; bytes() of a bytes object is that object, no copy.
-def _fast_seal(key, nonce, aad, plain):
+# OpenSSL's calls release the GIL (measured: two threads sealing use two
+# cores), so the agent's worker threads seal and open in parallel.  Older
+# cryptography (Debian 12 has 38) takes only bytes as data, not memoryviews;
+# bytes() of a bytes object is that object, no copy.
+def seal(key, nonce, aad, plain):
     return ChaCha20Poly1305(hchacha20(key, nonce[:16])).encrypt(b"\0\0\0\0" + nonce[16:], bytes(plain), aad)
 
 
-def _fast_open(key, nonce, aad, sealed):
+def open(key, nonce, aad, sealed):
     try:
         return ChaCha20Poly1305(hchacha20(key, nonce[:16])).decrypt(b"\0\0\0\0" + nonce[16:], bytes(sealed), aad)
     except InvalidTag:
         return None
 
 
-def _ref_seal(key, nonce, aad, plain):
+def ref_seal(key, nonce, aad, plain):
     box = ChaCha20_Poly1305.new(key=key, nonce=nonce)
     box.update(aad)
     ct, tag = box.encrypt_and_digest(plain)
     return ct + tag
 
 
-def _ref_open(key, nonce, aad, sealed):
+def ref_open(key, nonce, aad, sealed):
     box = ChaCha20_Poly1305.new(key=key, nonce=nonce)
     box.update(aad)
     try:
         return box.decrypt_and_verify(sealed[:-TAG], sealed[-TAG:])
     except ValueError:
         return None
-
-
-if ChaCha20Poly1305 is not None:
-    seal, open = _fast_seal, _fast_open
-else:
-    seal, open = _ref_seal, _ref_open

@@ -1,9 +1,10 @@
 """``wyng-agent --self-check``: is this VM able to run the agent?
 
 Imports the crypto and compression modules the agent needs, checks the
-XChaCha20-Poly1305 implementation in use against the published test vector
-(draft-irtf-cfrg-xchacha, appendix A.3.1), seals and opens a test object
-with compression and encryption, and checks that a changed byte is refused.
+XChaCha20-Poly1305 implementation in use, and the pycryptodome reference,
+against the published test vectors (draft-irtf-cfrg-xchacha-03, 2.2.1 and
+A.3.1), seals and opens a test object with compression and encryption, and
+checks that a changed byte is refused.
 Prints one line: versions and the AEAD implementation; exit 0 when all is
 well, 1 (with the reason) when not.
 """
@@ -12,6 +13,10 @@ import sys
 
 from . import __version__
 
+# draft-irtf-cfrg-xchacha-03, 2.2.1 (HChaCha20) and A.3.1 (AEAD_XChaCha20_Poly1305)
+HKAT_KEY = bytes(range(32))
+HKAT_NONCE = bytes.fromhex("000000090000004a0000000031415927")
+HKAT_SUBKEY = bytes.fromhex("82413b4227b27bfed30e42508a877d73a0f9e4d58a74a853c12ec41326d3ecdc")
 KAT_KEY = bytes(range(0x80, 0xa0))
 KAT_NONCE = bytes(range(0x40, 0x58))
 KAT_AAD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
@@ -37,36 +42,34 @@ def check(condition, what):
 def versions():
     """(AEAD implementation, [name version, ...]) of what the agent uses."""
     from . import aead
+    import cryptography
     import zstandard
 
     # pycryptodomex and Debian's python3-pycryptodome are module Cryptodome,
     # pycryptodome from PyPI is module Crypto
     pycrypto = sys.modules[aead.ChaCha20_Poly1305.__name__.split(".")[0]]
-    pycrypto_name = "pycryptodome (module %s)" % pycrypto.__name__
+    try:
+        from cryptography.hazmat.backends.openssl.backend import backend
+        openssl = " (%s)" % backend.openssl_version_text()
+    except (ImportError, AttributeError):
+        openssl = ""
     found = ["python %s" % platform.python_version(),
+             "cryptography %s%s" % (cryptography.__version__, openssl),
              "%s %s" % (pycrypto.__name__, pycrypto.__version__),
              "zstandard %s" % zstandard.__version__]
-    if aead.ChaCha20Poly1305 is not None:
-        import cryptography
-        try:
-            from cryptography.hazmat.backends.openssl.backend import backend
-            openssl = " (%s)" % backend.openssl_version_text()
-        except (ImportError, AttributeError):
-            openssl = ""
-        found.append("cryptography %s%s" % (cryptography.__version__, openssl))
-        return "cryptography (OpenSSL ChaCha20-Poly1305 + HChaCha20)", found
-    return pycrypto_name, found
+    return "cryptography (OpenSSL ChaCha20-Poly1305 + HChaCha20; reference: pycryptodome)", found
 
 
 def run_checks():
     from . import aead
     from .objects import CIPHER_XCHACHA, COMP_ZSTD, Codec, ObjectError
 
+    check(aead.hchacha20(HKAT_KEY, HKAT_NONCE) == HKAT_SUBKEY, "HChaCha20 does not match the test vector")
     check(aead.seal(KAT_KEY, KAT_NONCE, KAT_AAD, KAT_PLAIN) == KAT_SEALED,
           "XChaCha20-Poly1305 does not match the test vector")
     check(aead.open(KAT_KEY, KAT_NONCE, KAT_AAD, KAT_SEALED) == KAT_PLAIN,
           "XChaCha20-Poly1305 does not open the test vector")
-    check(aead._ref_seal(KAT_KEY, KAT_NONCE, KAT_AAD, KAT_PLAIN) == KAT_SEALED,
+    check(aead.ref_seal(KAT_KEY, KAT_NONCE, KAT_AAD, KAT_PLAIN) == KAT_SEALED,
           "pycryptodome's XChaCha20-Poly1305 does not match the test vector")
 
     codec = Codec(CIPHER_XCHACHA, COMP_ZSTD, 3, bytes(range(32)))
