@@ -141,11 +141,10 @@ class Session:
     def get_chunks(self, payload):
         if len(payload) % CHUNK_ID:
             raise wire.ProtocolError("bad chunk list")
-        for i in range(0, len(payload), CHUNK_ID):
-            try:
-                data = self.archive.get_chunk(payload[i:i + CHUNK_ID])
-            except (ArchiveError, ObjectError) as e:
-                self.out.error(str(e))
+        ids = (payload[i:i + CHUNK_ID] for i in range(0, len(payload), CHUNK_ID))
+        for data in self.archive.get_chunks(ids):
+            if isinstance(data, Exception):
+                self.out.error(str(data))
             else:
                 self.out.send(wire.DATA, data)
 

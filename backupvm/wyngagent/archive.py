@@ -5,13 +5,15 @@ Layout (doc/FORMAT.md): ``header`` (opaque to the agent, written by dom0),
 ``lock``.  Chunk data is never rewritten; the root is written last in every
 mutation, after everything it refers to is durable.
 """
+import collections
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .hooks import point
 from .lease import LOCK_NAME, Lease
-from .objects import MAGIC
+from .objects import MAGIC, ObjectError
 from .storage.local import TMP_SUFFIX
 
 HEADER_NAME, ROOT_NAME, GARBAGE_NAME = "header", "archive", "garbage"
@@ -20,6 +22,10 @@ MAX_HEADER = 64 << 10
 PART = 1 << 20  # plaintext per segment of manifests and the root
 # an object shorter than this cannot be a sealed chunk: a crash left it
 MIN_OBJECT = len(MAGIC) + 1 + 4 + 1
+# chunk objects being read and opened, or sealed and written, at once: the
+# store's I/O, the AEAD and zstd release the GIL, so they use every core,
+# and a store with latency has that many requests waiting (doc/PROTOCOL.md)
+IN_FLIGHT = 8
 
 
 class ArchiveError(Exception):
@@ -42,8 +48,9 @@ class Archive:
         self.chunk_size = None
         self.lease = Lease(store)
         self.stats = [0, 0, 0, 0]  # stored, deduplicated, bytes in, bytes stored
-        self.writers = Workers(min(4, os.cpu_count() or 1))
+        self.writers = Workers(IN_FLIGHT // 2)  # and as many queued
         self.writing = set()  # ids of chunks being stored right now
+        self.readers = None  # made by the first get_chunks
 
     # -- creation and header ---------------------------------------------
     def init(self, header):
@@ -145,6 +152,27 @@ class Archive:
         except FileNotFoundError:
             raise ArchiveError("chunk %s is missing" % chunk_id.hex()) from None
         return self.codec.open(name, blob, self.chunk_size)
+
+    def get_chunks(self, ids):
+        """Yield, in the order of ``ids``, each chunk's plaintext or the
+        ArchiveError or ObjectError that opening it raised.  Up to IN_FLIGHT
+        chunks are read and opened ahead on worker threads, so memory is
+        that many chunks whatever the number of ids."""
+        if self.readers is None:
+            self.readers = ThreadPoolExecutor(IN_FLIGHT, "chunk-reader")
+        pending = collections.deque()
+        for chunk_id in ids:
+            pending.append(self.readers.submit(self._get_or_error, chunk_id))
+            if len(pending) >= IN_FLIGHT:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def _get_or_error(self, chunk_id):
+        try:
+            return self.get_chunk(chunk_id)
+        except (ArchiveError, ObjectError) as e:
+            return e
 
     def put_manifest(self, mid, parts):
         self.require_lock()

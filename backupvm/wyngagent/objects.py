@@ -58,8 +58,8 @@ class Codec:
 
     # -- writing ---------------------------------------------------------
     def seal(self, name, data):
-        """One object of one segment."""
-        return MAGIC + bytes([self.cipher]) + self.segment(name, 0, True, data)
+        """One object of one segment (joined once: chunks are large)."""
+        return b"".join([MAGIC + bytes([self.cipher]), *self._segment(name, 0, True, data)])
 
     def seal_stream(self, name, parts):
         """Yield the bytes of an object made of the given plaintext parts."""
@@ -73,6 +73,11 @@ class Codec:
         yield self.segment(name, index, True, previous or b"")
 
     def segment(self, name, index, last, data):
+        return b"".join(self._segment(name, index, last, data))
+
+    def _segment(self, name, index, last, data):
+        """A segment as (head, body): its length word and nonce, and the
+        sealed or plain payload, so that it is copied only once."""
         packed = self.compress(data) if self.compress and data else None
         if packed is not None and len(packed) < len(data):
             plain = bytes([self.compression]) + packed
@@ -80,10 +85,10 @@ class Codec:
             plain = bytes([COMP_NONE]) + data
         if self.cipher == CIPHER_XCHACHA:
             nonce = os.urandom(NONCE)
-            sealed = nonce + aead.seal(self.key, nonce, _aad(name, index, last), plain)
+            body = aead.seal(self.key, nonce, _aad(name, index, last), plain)
         else:
-            sealed = plain
-        return SEGMENT.pack(len(sealed) | (LAST if last else 0)) + sealed
+            nonce, body = b"", plain
+        return SEGMENT.pack((len(nonce) + len(body)) | (LAST if last else 0)) + nonce, body
 
     # -- reading ---------------------------------------------------------
     def open(self, name, blob, max_plain):

@@ -18,7 +18,7 @@ import struct
 import tempfile
 import time
 
-from .archive import GARBAGE_NAME, ArchiveError, Workers, chunk_name, manifest_name
+from .archive import GARBAGE_NAME, IN_FLIGHT, ArchiveError, Workers, chunk_name, manifest_name
 from .hooks import point
 from .objects import ObjectError
 
@@ -45,6 +45,7 @@ class Scan:
         self.total = [0, 0, 0]  # distinct chunks, stored bytes, chunks opened
         self.unused, self.unused_manifests, self.leftovers, self.removed = [0, 0], 0, 0, [0, 0]
         self.deleters = Workers(DELETERS)
+        self.openers = Workers(IN_FLIGHT // 2)  # OBJECTS: chunks read and opened at once (and as many queued)
 
     def run(self):
         with scratch() as tmp:
@@ -57,6 +58,7 @@ class Scan:
                 self._bucket(os.path.join(tmp, "%02x" % b), b, counts[b])
                 if b == 127:
                     point("agent:scan-half")
+        self.openers.drain()
         self.deleters.drain()
         if self.mode & WHOLE:
             self._manifests_and_leftovers()
@@ -163,9 +165,8 @@ class Scan:
                 continue
             if present is not None:
                 present.discard(cid)
-            if self.mode & OBJECTS and not self._sound(name):
-                for n in users:
-                    self.damaged[n] += 1
+            if self.mode & OBJECTS:
+                self.openers.submit(self._open, name, users)
             if self.mode & SIZES:
                 self.total[0] += 1
                 self.total[1] += size or 0
@@ -173,13 +174,18 @@ class Scan:
                     self.group[g][1] += 1
                     self.group[g][2] += size or 0
 
-    def _sound(self, name):
-        self.total[2] += 1
+    def _open(self, name, users):
+        """On a worker thread: open a chunk; count it damaged for its users
+        if it fails to."""
         try:
             self.archive.codec.open(name, self.store.read(name), self.archive.chunk_size)
+            sound = True
         except (ObjectError, OSError):
-            return False
-        return True
+            sound = False
+        with self.openers.mutex:
+            self.total[2] += 1
+            for n in () if sound else users:
+                self.damaged[n] += 1
 
     def _unused(self, cid):
         self.deleters.submit(self._drop, chunk_name(cid))

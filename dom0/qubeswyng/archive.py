@@ -5,10 +5,12 @@ master key, OPEN (hand the agent K_enc), LOCK for writers, GET_ROOT and
 check its MAC and that it is not older than the last root seen.  Nothing
 from the agent is used before its MAC or chunk id matched.
 """
+import collections
 import contextlib
 import itertools
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 from . import keys as K
 from . import manifest, wire
@@ -23,6 +25,7 @@ from .transport import start
 LOCK_TTL = 120
 MAX_SCAN = 200000  # manifests in one SCAN request (4 MiB frames)
 FETCH_BATCH = 256
+AHEAD = 8  # chunks whose ids a worker thread computes ahead of their use
 # SCAN modes and record kinds (doc/PROTOCOL.md)
 SCAN_OBJECTS, SCAN_WHOLE, SCAN_CLEAN, SCAN_SIZES = 1, 2, 4, 8
 (BAD_MANIFEST, MISSING, DAMAGED, UNUSED_CHUNKS, UNUSED_MANIFESTS, LEFTOVERS, GROUP,
@@ -191,8 +194,17 @@ class Archive:
 
     def fetch(self, wanted):
         """Yield (index, data) for ``wanted`` (index, id, length), in order;
-        each chunk is checked against its id before it is yielded.  A second
+        each chunk is checked against its id before it is yielded (the ids
+        are computed on a worker while the next chunks are read).  A second
         batch is asked for before the first is read, so the agent never waits."""
+        for (index, cid, data), good in ahead(lambda item: self.keys.chunk_id(item[2]) == item[1],
+                                              self._received(wanted)):
+            if not good:
+                raise Fail("chunk %d fails authentication: the archive returned other data" % index)
+            yield index, data
+
+    def _received(self, wanted):
+        """(index, id, data) of the right length, unchecked."""
         wanted, pending = iter(wanted), []
         for batch in iter(lambda: list(itertools.islice(wanted, FETCH_BATCH)), []):
             self.link.send(wire.GET_CHUNKS, b"".join(cid for _i, cid, _n in batch))
@@ -208,9 +220,9 @@ class Archive:
                 data = self.link.frame((wire.DATA,), length)[1]
             except wire.AgentError as e:
                 raise Fail("chunk %d: %s" % (index, e)) from None
-            if len(data) != length or self.keys.chunk_id(data) != cid:
+            if len(data) != length:
                 raise Fail("chunk %d fails authentication: the archive returned other data" % index)
-            yield index, data
+            yield index, cid, data
 
     # -- committing ----------------------------------------------------------
     def commit(self):
@@ -295,3 +307,22 @@ class Archive:
             self.link.send(wire.BYE)
             self.link.reply()
         self.link.close()
+
+
+def ahead(fn, items):
+    """Yield (item, fn(item)) in order, fn running on a worker thread up to
+    AHEAD items ahead of the caller (hashlib releases the GIL, so ids are
+    computed while the main thread reads or writes).  An item whose last
+    field is None is not given to fn: its result is None."""
+    with ThreadPoolExecutor(1) as worker:
+        pending = collections.deque()
+        for item in items:
+            if item[-1] is None and not pending:
+                yield item, None
+                continue
+            pending.append((item, None if item[-1] is None else worker.submit(fn, item)))
+            if len(pending) > AHEAD:
+                item, job = pending.popleft()
+                yield item, job and job.result()
+        for item, job in pending:
+            yield item, job and job.result()

@@ -11,7 +11,7 @@ import itertools
 import json
 import time
 
-from ..archive import Archive
+from ..archive import Archive, ahead
 from ..clock import now
 from ..errors import Fail
 from ..manifest import ZERO, chunk_count
@@ -77,18 +77,25 @@ def send_volume(archive, name, source, session, tags, opts):
     count = chunk_count(reader.size, cs)
     chunk_map.resize(count)
     changed = bytearray((count + 7) // 8)
-    zero = memoryview(bytes(cs))
+    zero = bytes(cs)
     st = {"volume": name, "incremental": wanted is not None, "chunks_scanned": count, "chunks_read": 0,
           "chunks_changed": 0, "chunks_sent": 0, "bytes_read": 0, "bytes_sent": 0}
     progress = Progress(opts, name, reader.size)
     before = archive.agent_stats()
-    for index, data in reader.chunks(cs, wanted):
-        if data is None:
-            cid = ZERO
-        else:
+
+    def chunk_id(item):  # on ahead's worker: bytes == bytes is a memcmp
+        return ZERO if item[1] == zero[:len(item[1])] else keys.chunk_id(item[1])
+    # a copy of each chunk read, since the reader reuses its buffer
+    chunks = ((i, data if data is None else bytes(data)) for i, data in reader.chunks(cs, wanted))
+    for (index, data), cid in ahead(chunk_id, chunks):
+        if data is not None:
             st["chunks_read"] += 1
             st["bytes_read"] += len(data)
-            cid = ZERO if data == zero[:len(data)] else keys.chunk_id(data)
+        elif index >= old_count:  # a hole past the parent's end: listed, already zero in the map
+            changed[index >> 3] |= 1 << (index & 7)
+            st["chunks_changed"] += 1
+            continue
+        cid = cid or ZERO
         if index >= old_count or chunk_map.ids[32 * index:32 * index + 32] != cid:
             changed[index >> 3] |= 1 << (index & 7)
             st["chunks_changed"] += 1
