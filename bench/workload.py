@@ -3,7 +3,9 @@
 The image is cut into 4 MiB regions in a repeating pattern of twelve:
 six random (incompressible), four text-like (zstd packs them to about a
 third) and two holes, so about half random, a third compressible and the
-rest holes.  The same seed always gives the same bytes.
+rest holes.  The same seed always gives the same bytes.  With ``spread``,
+the same regions are spread evenly over a larger sparse file (holes
+between them): a big volume with little data.
 """
 import argparse
 import os
@@ -31,17 +33,20 @@ def vocabulary(rng):
             for _ in range(4096)]
 
 
-def make(path, size, seed=1):
+def make(path, size, seed=1, spread=None):
+    """An image of ``size`` bytes, or of ``spread`` bytes holding the
+    regions of a ``size`` image at even distances."""
     rng = random.Random(seed)
     lines = vocabulary(rng)
+    stride = REGION * max(1, (spread or size) // size)
     with open(path, "wb") as f:
-        f.truncate(size)
+        f.truncate(max(size, spread or 0))
         for i, offset in enumerate(range(0, size, REGION)):
             kind = PATTERN[i % len(PATTERN)]
             if kind == "H":
                 rng.random()  # keep the sequence independent of holes' content
                 continue
-            f.seek(offset)
+            f.seek(i * stride)
             f.write(region_bytes(rng, kind, lines)[:size - offset])
 
 
