@@ -41,6 +41,8 @@ SYSCONFDIR ?= /etc
 BINDIR ?= /usr/bin
 MANDIR ?= /usr/share/man
 STATEDIR ?= /var/lib
+UNITDIR ?= /usr/lib/systemd/system
+LIBDIR ?= /usr/lib
 SHEBANG ?= /usr/bin/python3
 
 CHANGELOG_DATE := $(shell LC_ALL=C date -u -d @$${SOURCE_DATE_EPOCH:-$$(git log -1 --format=%ct 2>/dev/null || date +%s)} '+%a %b %d %Y')
@@ -100,6 +102,10 @@ clean:
 # Files outside the Python packages; the spec files and debian/rules call these.
 install-dom0:
 	install -D -m 0644 etc/wyng/wyng.ini $(DESTDIR)$(SYSCONFDIR)/wyng/wyng.ini
+	install -D -m 0644 etc/wyng/schedule.conf $(DESTDIR)$(SYSCONFDIR)/wyng/schedule.conf
+	install -D -m 0644 packaging/systemd/qubes-wyng-backup.service $(DESTDIR)$(UNITDIR)/qubes-wyng-backup.service
+	install -D -m 0644 packaging/systemd/qubes-wyng-backup.timer $(DESTDIR)$(UNITDIR)/qubes-wyng-backup.timer
+	install -D -m 0755 packaging/systemd/qubes-wyng-notify $(DESTDIR)$(LIBDIR)/qubes-wyng/notify
 	install -D -m 0644 qubes-rpc/policy/90-qubes-wyng.policy \
 	    $(DESTDIR)$(SYSCONFDIR)/qubes/policy.d/90-qubes-wyng.policy
 	install -D -m 0644 doc/qvm-wyng.1 $(DESTDIR)$(MANDIR)/man1/qvm-wyng.1

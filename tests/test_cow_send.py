@@ -312,7 +312,11 @@ def test_several_volumes_in_one_send_and_a_no_cow_file(btrfs_mount, wyng, tmp_pa
     for v in (a, nocow):
         wyng.run("receive", v.name, "--save-to=%s" % (tmp_path / "out"))
         assert same(tmp_path / "out", v.path)
-    assert a.snapshots() == [".a.img.qwyng-%s.tock" % os.listdir(wyng.meta)[0][:16]]
+    aid = os.listdir(wyng.meta)[0]
+    records = wyng.meta / aid / "snapshots"
+    (vid,) = [f[:-5] for f in os.listdir(records) if f.endswith(".json")
+              and json.loads((records / f).read_text())["name"] == "a.img"]
+    assert a.snapshots() == [".a.img.qwyng-%s.%s.tock" % (aid[:16], vid[:8])]  # archive and volume id
 
 
 def test_bad_local_pools_and_volumes_fail_cleanly(wyng, ext4_mount, tmp_path):

@@ -37,7 +37,7 @@ COMMANDS = {
     "list": (list_cmd.run, "[VOLUME ...]", "list the volumes, or the sessions of volumes",
              ["dest", "json", "qubes", "passcmd", "authmin"]),
     "backup": (backup.run, "[VMNAME ...|--all]", "back up qubes, their volumes and settings, as one new session",
-               ["dest", "all", "exclude", "tag", "json", "passcmd", "authmin"]),
+               ["dest", "all", "exclude", "import-other-from", "tag", "json", "passcmd", "authmin"]),
     "restore": (restore.run, "[VMNAME ...|--all]", "restore qubes from their backup, creating missing ones",
                 ["dest", "all", "exclude", "session", "rename-to", "pool", "settings-only", "data-only",
                  "passcmd", "authmin"]),

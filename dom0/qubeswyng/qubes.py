@@ -3,7 +3,9 @@
 Commands get qubes, their volumes and settings through these functions and
 hand the VM objects back to them untouched, so that ``app`` may be
 ``qubesadmin.Qubes()`` or a test double of it.  Errors that qubesadmin
-raises become one-line ``Fail``s here.
+raises become one-line ``Fail``s here, or, while settings are applied,
+omissions.  The client of Qubes R4.2 and of R4.3 are told apart by what
+their objects offer (``hasattr``), never by a version (doc/qubes.md).
 """
 import collections
 import contextlib
@@ -11,14 +13,17 @@ import itertools
 import os
 import subprocess
 import threading
+import time
 
+from .clock import now
 from .errors import Fail
 from .progress import notice
-from .settings import NEVER_COPY, SETTINGS, VERSION, VM_REFS, check, encode, qube_name, volume
+from .settings import DEVICE, NET_IDS, NEVER_COPY, SETTINGS, VERSION, VM_REFS, check, encode, qube_name, volume
 from .sources.image import FullRead
 from .sources.snapshots import send_source
 
-RESTORING = "backup-restore-in-progress"  # qvm-backup-restore's tag for a half-restored qube
+RESTORING = "backup-restore-in-progress"  # qvm-backup-restore's tag for a half-restored qube: qubesd will not start it
+RESTORED = "restored-from-backup-at-"     # and its tag for a restored one, with the date
 # what Firewall.save_rules reads of each rule: its API text, ``Rule.rule``
 Rule = collections.namedtuple("Rule", "rule")
 
@@ -138,8 +143,27 @@ def read_settings(vm, volumes):
         "version": VERSION, "name": vm.name, "class": vm.klass, "label": str(vm.label),
         "template": str(vm.template) if templated else None, "properties": props,
         "features": dict(vm.features.items()), "tags": sorted(t for t in vm.tags if not t.startswith("created-by-")),
-        "firewall": [rule.rule for rule in vm.firewall.rules], "notes": vm.get_notes(), "volumes": volumes,
+        "firewall": [rule.rule for rule in vm.firewall.rules], "volumes": volumes, "devices": read_devices(vm),
+        "notes": vm.get_notes() if hasattr(vm, "get_notes") else "",  # R4.3 only
     }, vm.name)
+
+
+def read_devices(vm):
+    """The qube's device assignments in the record's form: R4.3's with their
+    mode; R4.2's persistent attachments, which R4.3 calls required (pci)
+    and auto-attach (the others)."""
+    found = []
+    for cls in DEVICE["class"]:
+        devices = vm.devices[cls]
+        if hasattr(devices, "get_assigned_devices"):
+            items = [(a, a.port_id, a.device_id, a.mode.value) for a in devices.get_assigned_devices()]
+        else:
+            items = [(a, a.ident, "*", "required" if cls == "pci" else "auto-attach")
+                     for a in devices.assignments(persistent=True)]
+        found += [{"class": cls, "backend": str(a.backend_domain), "port": port, "device": dev, "mode": mode,
+                   "options": {str(k): str(v) for k, v in a.options.items()}}
+                  for a, port, dev, mode in items if mode in DEVICE["mode"]]
+    return found
 
 
 def stamp(vms, when):
@@ -151,50 +175,121 @@ def stamp(vms, when):
 # -- restoring ------------------------------------------------------------------
 
 def create(app, rec, name, pool):
-    """A new qube ``name`` with the record's class, label and template, tagged
-    as being restored until ``finish``."""
+    """A new qube ``name`` with the record's class, label (red if this
+    Qubes has no such label, as qvm-backup-restore does) and template,
+    tagged as being restored until ``finish``."""
     extra = {"template": rec["template"]} if rec["template"] else {}
-    vm = _call("cannot create %s" % name, app.add_new_vm, rec["class"], name, rec["label"], pool=pool, **extra)
+    label = rec["label"] if rec["label"] in app.labels else "red"
+    vm = _call("cannot create %s" % name, app.add_new_vm, rec["class"], name, label, pool=pool, **extra)
     app.domains.clear_cache()  # later references to it look it up by name
-    vm.tags.add(RESTORING)
+    begin(vm)
     return vm
 
 
+def begin(vm):
+    _call("%s: tag %s" % (vm.name, RESTORING), vm.tags.add, RESTORING)
+
+
 def finish(vm):
+    """Tags of a restored qube, as after qvm-backup-restore."""
+    vm.tags.add(RESTORED + time.strftime("%Y-%m-%d", time.localtime(now())))
     vm.tags.discard(RESTORING)
 
 
-def apply_settings(app, vm, rec, refs, rename, opts):
+def _try(omit, what, func, *args):
+    """One setting: what qubesd refuses is added to ``omit``, not raised."""
+    try:
+        func(*args)
+    except Exception as e:  # qubesadmin.exc.*, or ProtocolError (an AssertionError) for a malformed value
+        omit.append("%s (%s)" % (what, e or type(e).__name__))
+
+
+def apply_settings(app, vm, rec, refs, rename, omit):
     """The record's settings onto ``vm``: with ``refs`` false everything but
-    the properties naming other qubes, with ``refs`` true only those (all
-    qubes of the restore exist by then).  Features, tags and properties the
-    qube has and the record does not are left as they are."""
+    the properties naming other qubes and the devices, with ``refs`` true
+    only those (all qubes of the restore exist by then).  Features, tags
+    and properties the qube has and the record does not are left as they
+    are.  Whatever cannot be applied is skipped and described in ``omit``."""
     def put(key, value):
-        _call("%s: cannot set %s" % (vm.name, key), setattr, vm, key, value)
+        _try(omit, "property %s" % key, setattr, vm, key, value)
     known = set(vm.property_list())
+    if not refs and rec["label"] not in app.labels:
+        omit.append("label %s (this Qubes has no such label; the qube's is %s)" % (rec["label"], vm.label))
     for key in ("label", "template") if not refs else ():
-        if rec[key] is not None and str(getattr(vm, key)) != rec[key]:
+        if rec[key] is not None and str(getattr(vm, key)) != rec[key] and (key != "label" or rec[key] in app.labels):
             put(key, rec[key])  # an existing qube restored over
     for key, value in sorted(rec["properties"].items()):
         if (key in VM_REFS) != refs:
             continue
-        if key not in known:
-            notice(opts, "%s: property %s is not restored: this Qubes has no such property" % (vm.name, key))
-            continue
-        if refs and value is not None:
-            value = rename.get(value, value)
-            if value not in app.domains:
-                notice(opts, "%s: %s is left at its default: there is no qube %s" % (vm.name, key, value))
-                continue
-        put(key, value)
+        value = rename.get(value, value) if refs and value is not None else value
+        why = "this Qubes has no such property" if key not in known else \
+            "there is no qube %s" % value if refs and value is not None and value not in app.domains else \
+            _taken(app, vm, key, value)
+        if why:
+            omit.append("property %s (%s)" % (key, why))
+        else:
+            put(key, value)
     if refs:
+        have = {(d["class"], d["backend"], d["port"]) for d in read_devices(vm)}
+        for dev in rec["devices"]:
+            dev = dict(dev, backend=rename.get(dev["backend"], dev["backend"]))
+            if (dev["class"], dev["backend"], dev["port"]) not in have:
+                _try(omit, "device %s %s:%s" % (dev["class"], dev["backend"], dev["port"]), assign, app, vm, dev)
         return
     for key, value in rec["features"].items():
-        _call("%s: feature %s" % (vm.name, key), vm.features.__setitem__, key, value)
+        _try(omit, "feature %s" % key, vm.features.__setitem__, key, value)
     for tag in rec["tags"]:
-        _call("%s: tag %s" % (vm.name, tag), vm.tags.add, tag)
-    _call("%s: firewall" % vm.name, vm.firewall.save_rules, [Rule(r) for r in rec["firewall"]])
-    _call("%s: notes" % vm.name, vm.set_notes, rec["notes"])
+        _try(omit, "tag %s" % tag, vm.tags.add, tag)
+    _try(omit, "firewall", vm.firewall.save_rules, [Rule(r) for r in rec["firewall"]])
+    if hasattr(vm, "set_notes"):
+        _try(omit, "notes", vm.set_notes, rec["notes"])
+    elif rec["notes"]:
+        omit.append("notes (Qubes R4.2 has no qube notes)")
+
+
+def _taken(app, vm, key, value):
+    """Why an address (ip, ip6) is not restored: another qube has it (two
+    qubes with one address behind one netvm break each other's traffic)."""
+    for other in app.domains if key in NET_IDS else ():
+        if other.name != vm.name and str(getattr(other, key, None)) == str(value):
+            return "qube %s has %s" % (other.name, value)
+    return None
+
+
+def assign(app, vm, dev):
+    """Re-create a device assignment in this release's form: R4.3 assigns
+    with the mode (pci always required, as R4.3 demands); R4.2 attaches
+    persistently (it has no modes)."""
+    from qubesadmin.devices import DeviceAssignment
+    backend = app.domains[dev["backend"]]
+    if hasattr(DeviceAssignment, "new"):
+        vm.devices[dev["class"]].assign(DeviceAssignment.new(
+            backend, dev["port"], dev["class"], None if dev["device"] == "*" else dev["device"],
+            options=dev["options"], mode="required" if dev["class"] == "pci" else dev["mode"]))
+    else:
+        vm.devices[dev["class"]].attach(DeviceAssignment(backend, dev["port"], dev["options"], persistent=True))
+
+
+def refresh_menus(vms, opts):
+    """What qubesd's appmenus extension does when a qube changes, once more
+    now that every setting is in: the qube's GUI qube runs
+    qubes.UpdateAppMenusFor+NAME (qvm-appmenus --update); a GUI qube that
+    is not running gets NAME in its menu-update-pending-for feature, which
+    it works through when it starts."""
+    for vm in vms:
+        try:
+            gui = vm.guivm  # None: no GUI, no menu
+            if gui is not None and not gui.is_running():
+                pending = gui.features.get("menu-update-pending-for", "").split()
+                gui.features["menu-update-pending-for"] = " ".join(sorted(set(pending) | {vm.name}))
+            elif gui is not None:
+                proc = gui.run_service("qubes.UpdateAppMenusFor+" + vm.name, autostart=False,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                err = proc.communicate(timeout=300)[1]
+                if proc.returncode:
+                    raise Fail(err.decode("ascii", "replace").strip()[-200:] or "exit %d" % proc.returncode)
+        except Exception as e:
+            notice(opts, "%s: its menu entries were not refreshed: %s" % (vm.name, e))
 
 
 def import_volume(vm, name, size, produce):

@@ -11,21 +11,24 @@ import re
 
 from .errors import Fail
 
-VERSION = 1
+VERSION = 2  # 2 added "devices"; records of version 1 are read as having none
 MAX_SIZE = 1 << 20
 PREFIX = "qubes/"
 SETTINGS = "settings"
 CLASSES = ("AppVM", "DispVM", "StandaloneVM", "TemplateVM")
 KEYS = {"version", "name", "class", "label", "template", "properties", "features", "tags", "firewall",
-        "notes", "volumes"}
+        "notes", "volumes", "devices"}
 # never stored nor applied: identity, runtime state, values derived from the
 # class or the network, and the three creation arguments (fields of their own)
 NEVER_COPY = frozenset((
     "name", "klass", "label", "template", "qid", "uuid", "xid", "stubdom_xid", "stubdom_uuid",
-    "start_time", "backup_timestamp", "ip", "ip6", "mac", "gateway", "gateway6", "visible_ip",
-    "visible_ip6", "visible_gateway", "visible_gateway6", "visible_netmask", "dns", "dispid", "icon",
-    "updateable", "installed_by_rpm", "is_preload"))
+    "start_time", "backup_timestamp", "gateway", "gateway6", "visible_ip", "visible_ip6", "visible_gateway",
+    "visible_gateway6", "visible_netmask", "dns", "dispid", "icon", "updateable", "installed_by_rpm",
+    "is_preload"))
 VM_REFS = ("netvm", "default_dispvm", "management_dispvm", "audiovm", "guivm")
+NET_IDS = ("ip", "ip6")  # restored only where no other qube has them
+DEVICE = {"class": ("pci", "usb", "block", "mic"), "mode": ("required", "auto-attach", "ask-to-attach")}
+PORT = re.compile(r"[\x21-\x7e]{1,255}\Z")
 NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_.-]{0,30}\Z")
 PROPERTY = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 FEATURE = re.compile(r"[a-zA-Z0-9_.+-]{1,255}\Z")
@@ -102,8 +105,10 @@ def check(rec, name):
     def need(ok, what):
         if not ok:
             raise Fail("the settings record of %s is refused: %s" % (name, what))
-    need(isinstance(rec, dict) and set(rec) == KEYS, "unknown or missing fields")
-    need(rec["version"] == VERSION and type(rec["version"]) is int, "format version is not %d" % VERSION)
+    need(isinstance(rec, dict), "unknown or missing fields")
+    need(rec.get("version") in (1, VERSION) and type(rec["version"]) is int, "format version is not 1 or %d" % VERSION)
+    need(set(rec) == (KEYS if rec["version"] > 1 else KEYS - {"devices"}), "unknown or missing fields")
+    rec.setdefault("devices", [])
     need(rec["name"] == name, "it is the record of another qube")
     need(rec["class"] in CLASSES and is_name(rec["label"]), "class or label")
     templated = rec["class"] in ("AppVM", "DispVM")
@@ -124,4 +129,12 @@ def check(rec, name):
     vols = rec["volumes"]
     need(isinstance(vols, list) and len(set(vols)) == len(vols) <= 16
          and all(isinstance(v, str) and VOLUME.match(v) and v != SETTINGS for v in vols), "volumes")
+    devs = rec["devices"]
+    need(isinstance(devs, list) and len(devs) <= 256 and all(
+        isinstance(d, dict) and set(d) == {"class", "backend", "port", "device", "mode", "options"}
+        and d["class"] in DEVICE["class"] and d["mode"] in DEVICE["mode"] and is_name(d["backend"])
+        and isinstance(d["port"], str) and PORT.match(d["port"]) and _text(d["device"], 255) and d["device"] != ""
+        and d["device"].isascii() and d["device"].isprintable() and isinstance(d["options"], dict)
+        and len(d["options"]) <= 32 and all(FEATURE.match(k) and _text(v, 255) and v.isprintable()
+                                            for k, v in d["options"].items()) for d in devs), "a device")
     return rec

@@ -4,7 +4,8 @@ with --clean, only this tool's local snapshots and metadata.
 Deleting from the archive: the agent first records that garbage is due,
 then the root without the volumes is committed, then the collector removes
 their manifests and the chunks no other volume uses.  Interrupted anywhere,
-the next writer finishes the collection (doc/lifecycle.md).
+the next writer finishes the collection (doc/lifecycle.md).  Then the
+volumes' local snapshots and snapshot records go too.
 
 --clean removes the local data of the archive at --dest (or with --all of
 every archive), and with --local also the snapshots found in that pool; the
@@ -15,7 +16,7 @@ from ..clock import point
 from ..errors import Fail
 from ..progress import say, size
 from ..settings import resolve
-from ..sources.snapshots import clean_local
+from ..sources.snapshots import clean_local, forget
 from . import confirm
 
 
@@ -34,7 +35,9 @@ def run(opts, app):
         point("dom0:delete-before-commit")
         archive.commit()
         objects, freed = archive.collect()
-    say(opts, "deleted %s; %d objects (%s) reclaimed" % (", ".join(opts.volumes), objects, size(freed)))
+        local = sum(forget(archive.meta, vol["id"]) for vol in vols)
+    say(opts, "deleted %s; %d objects (%s) reclaimed; local snapshots: %s freed" % (
+        ", ".join(opts.volumes), objects, size(freed), size(local)))
     return 0
 
 
@@ -46,6 +49,6 @@ def clean(opts, app):
         with Archive(opts, app).open() as archive:
             archive_id = archive.header.archive_id
     removed = clean_local(opts, archive_id)
-    say(opts, "removed %d snapshots and the local metadata of %s" % (
-        len(removed), "every archive" if opts.all else "archive %s" % archive_id.hex()))
+    say(opts, "removed %d snapshots (%s freed) and the local metadata of %s" % (len(removed), size(
+        sum(n for _s, n in removed)), "every archive" if opts.all else "archive %s" % archive_id.hex()))
     return 0

@@ -3,7 +3,9 @@ import json
 import time
 
 from ..archive import Archive
+from ..clock import now
 from ..progress import say, size
+from ..schedule import scheduled
 from ..settings import SETTINGS, qubes_in
 
 
@@ -17,7 +19,7 @@ def run(opts, app):
         root = archive.root
         vols = [archive.require_volume(n) for n in opts.volumes] if opts.volumes else root["volumes"]
     if opts.qubes:
-        return list_qubes(opts, root)
+        return list_qubes(opts, root, scheduled(opts, app))
     if opts.json:
         print(json.dumps({"archive": root["archive"], "updated": root["time"], "volumes": [
             {"name": v["name"], "sessions": [session_info(s) for s in v["sessions"]]} for v in vols]},
@@ -39,21 +41,30 @@ def run(opts, app):
     return 0
 
 
-def list_qubes(opts, root):
+def list_qubes(opts, root, schedule):
     """Per qube: its last backup (the newest settings session), how many
-    backups, and the size of its volumes then."""
-    rows = []
-    for qube, vols in sorted(qubes_in(root).items()):
+    backups, and the size of its volumes then; with a schedule for this
+    archive, whether the qube is overdue (scheduled, and not backed up in
+    its last OVERDUE_HOURS), qubes it has never backed up included."""
+    names, hours = schedule or ([], None)
+    found, rows = qubes_in(root), []
+    for qube in sorted(set(found) | set(names)):
+        vols = found.get(qube, {})
         sessions = vols.get(SETTINGS, {"sessions": []})["sessions"]
         last = sessions[-1]["name"] if sessions else None
         sizes = [s["size"] for n, v in vols.items() if n != SETTINGS for s in v["sessions"] if s["name"] == last]
-        rows.append({"qube": qube, "last_backup": last, "time": sessions[-1]["time"] if sessions else None,
-                     "backups": len(sessions), "size": sum(sizes), "volumes": sorted(set(vols) - {SETTINGS})})
+        when = sessions[-1]["time"] if sessions else None
+        rows.append({"qube": qube, "last_backup": last, "time": when, "backups": len(sessions), "size": sum(sizes),
+                     "volumes": sorted(set(vols) - {SETTINGS}), "scheduled": qube in names,
+                     "overdue": qube in names and (when is None or now() - when > hours * 3600)})
     if opts.json:
-        print(json.dumps({"archive": root["archive"], "qubes": rows}, indent=1))
+        print(json.dumps({"archive": root["archive"], "overdue_hours": hours, "qubes": rows}, indent=1))
         return 0
     for r in rows:
-        print("%-32s %4d backups  %s" % (r["qube"], r["backups"], "last %s, %s (%s)" % (
+        print("%-32s %4d backups  %s%s" % (r["qube"], r["backups"], "last %s, %s (%s)" % (
             r["last_backup"], size(r["size"]), " ".join(r["volumes"]) or "settings only")
-            if r["last_backup"] else "no backups"))
+            if r["last_backup"] else "no backups", "  OVERDUE" if r["overdue"] else ""))
+    if schedule:
+        say(opts, "%d of %d scheduled qubes overdue (not backed up in %d hours)" % (
+            sum(r["overdue"] for r in rows), len(names), hours))
     return 0

@@ -4,13 +4,18 @@ Everything from the archive is authenticated and checked before the system
 changes: each settings record (size bounded, then the strict schema), every
 manifest chain, that existing qubes may be overwritten, that templates are
 there.  Then: create missing qubes and apply their settings, templates
-first; properties naming other qubes last, once all exist; stream each volume's verified chunks
-into Volume.import_data_with_size.
+first; properties naming other qubes and devices last, once all exist;
+stream each volume's verified chunks into Volume.import_data_with_size.
+From there on nothing stops the restore: a setting qubesd refuses is an
+omission, a qube that cannot be made or filled has failed, and the command
+ends with every qube's outcome (exit 2 unless all were fully restored).
 """
+import sys
+
 from .. import qubes, settings
 from ..archive import Archive
-from ..errors import Fail
-from ..progress import say, size
+from ..errors import EXIT_PARTIAL, Fail
+from ..progress import notice, say, size
 from . import pick_session
 from .receive import restore
 
@@ -18,7 +23,17 @@ from .receive import restore
 class Plan:
     def __init__(self, qube, target, rec, session, data):
         self.qube, self.target, self.rec, self.session, self.data = qube, target, rec, session, data
-        self.vm, self.created = None, False
+        self.vm, self.created, self.omitted, self.failed = None, False, [], None
+
+    def outcome(self):
+        done = "%s from session %s%s" % ("created" if self.created else "restored", self.session,
+                                         "".join(", %s %s" % (n, size(t)) for n, t, _m, _l in self.data))
+        if self.failed:
+            done = "FAILED: %s" % self.failed
+            if self.vm:
+                done += "; it keeps the tag %s, so it cannot start: restore it again with --force, or " \
+                        "remove it (qvm-remove %s)" % (qubes.RESTORING, self.target)
+        return "%s: %s%s" % (self.target, done, "; omitted: " + "; ".join(self.omitted) if self.omitted else "")
 
 
 def chosen(opts, archive):
@@ -96,17 +111,37 @@ def run(opts, app):
         rename = {p.qube: p.target for p in plans}
         for p in plans:  # a disposable's template needs template_for_dispvms before it is created
             p.created = qubes.state(app, p.target) is None
-            p.vm = qubes.create(app, p.rec, p.target, opts.pool) if p.created else qubes.get(app, p.target)
+            try:
+                p.vm = qubes.create(app, p.rec, p.target, opts.pool) if p.created else qubes.get(app, p.target)
+                if not p.created:
+                    qubes.begin(p.vm)
+            except Fail as e:
+                p.failed = str(e)
+                continue
             if not opts.data_only:
-                qubes.apply_settings(app, p.vm, p.rec, False, rename, opts)
-        for p in [] if opts.data_only else plans:
-            qubes.apply_settings(app, p.vm, p.rec, True, rename, opts)
-        for p in plans:
-            for name, total, chunk_map, label in p.data:
-                qubes.import_volume(p.vm, name, total, lambda write: restore(
-                    archive, chunk_map, total, write, opts, label, zeros_needed=False))
-            if p.created:
+                qubes.apply_settings(app, p.vm, p.rec, False, rename, p.omitted)
+        made = [p for p in plans if p.vm]
+        for p in [] if opts.data_only else made:
+            qubes.apply_settings(app, p.vm, p.rec, True, rename, p.omitted)
+        for p in made:
+            try:
+                for name, total, chunk_map, label in p.data:
+                    qubes.import_volume(p.vm, name, total, lambda write: restore(
+                        archive, chunk_map, total, write, opts, label, zeros_needed=False))
                 qubes.finish(p.vm)
-            say(opts, "%s: %s from session %s%s" % (p.target, "created" if p.created else "restored", p.session,
-                      "".join(", %s %s" % (n, size(t)) for n, t, _m, _l in p.data)))
-    return 0
+            except (Fail, OSError) as e:
+                p.failed = str(e)
+    done = [p.vm for p in made if not p.failed]
+    qubes.refresh_menus(done, opts)
+    for p in plans:  # problems on stderr, also with --quiet
+        (say if not p.failed and not p.omitted else tell)(opts, p.outcome())
+        if p.created and not p.failed and p.rec["class"] in ("TemplateVM", "StandaloneVM"):
+            notice(opts, "%s: its applications appear in the menus after: qvm-sync-appmenus %s" % (p.target, p.target))
+    whole = [p for p in plans if not p.failed and not p.omitted]
+    (say if len(whole) == len(plans) else tell)(opts, "restore: %d of %d qubes restored, %d with omissions, %d failed"
+                                                % (len(whole), len(plans), len(done) - len(whole), len(plans) - len(done)))
+    return 0 if len(whole) == len(plans) else EXIT_PARTIAL
+
+
+def tell(_opts, text):
+    print(text, file=sys.stderr)

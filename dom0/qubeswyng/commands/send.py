@@ -24,15 +24,21 @@ from . import prune, volume_name
 IMPORT_SEP = ":|:"
 
 
-def sources(opts):
-    """(volume name, source) for every volume asked for, all opened before
-    the archive is touched, so a bad path fails the command up front."""
+def imports(opts):
+    """(volume name, path) of every --import-other-from."""
     wanted = []
     for spec in opts.import_other_from:
         name, sep, path = spec.partition(IMPORT_SEP)
         if not sep or not path:
             raise Fail("--import-other-from takes VOLUME:|:PATH, not %r" % spec)
         wanted.append((volume_name(name), path))
+    return wanted
+
+
+def sources(opts):
+    """(volume name, source) for every volume asked for, all opened before
+    the archive is touched, so a bad path fails the command up front."""
+    wanted = imports(opts)
     if opts.volumes and not opts.local:
         raise Fail("send needs --local for volume names (%s); for a plain file or device use "
                    "--import-other-from=NAME:|:PATH" % ", ".join(opts.volumes))

@@ -21,7 +21,7 @@ from .thin_delta import run_thin_delta
 
 TAG = "qubes-wyng:"
 NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,95}")
-FIELDS = "lv_name,lv_uuid,lv_attr,lv_size,pool_lv,thin_id,lv_tags,vg_extent_size"
+FIELDS = "lv_name,lv_uuid,lv_attr,lv_size,pool_lv,thin_id,lv_tags,vg_extent_size,data_percent"
 
 
 def run(*argv):
@@ -49,6 +49,11 @@ def report(vg):
         return {lv["lv_name"]: lv for lv in json.loads(out)["report"][0]["lv"]}
     except (ValueError, KeyError, IndexError, TypeError):
         raise Fail("lvs: unexpected output for %s" % vg) from None
+
+
+def mapped(lv):
+    """Bytes of its pool a thin volume maps (from its report)."""
+    return int(int(lv["lv_size"]) * float(lv["data_percent"] or 0) / 100)
 
 
 def _interrupt(_signum, _frame):
@@ -85,9 +90,12 @@ class Volume:
     def snapshot_name(self, archive_id, slot):
         return "%s.qwyng-%s.%s" % (self.name, archive_id.hex()[:16], slot)
 
-    def snapshots(self, archive_id):
-        return [n for n in (self.snapshot_name(archive_id, s) for s in ("tick", "tock"))
-                if self.ident(n, archive_id)]
+    def snapshots(self, archive_id, slots):
+        return [n for n in (self.snapshot_name(archive_id, s) for s in slots) if self.ident(n, archive_id)]
+
+    def usage(self, snap):
+        """Bytes of the pool the snapshot maps (0 if it is gone)."""
+        return mapped(self.lvs[snap]) if snap in self.lvs else 0
 
     def take(self, snap, archive_id):
         run("lvcreate", "-y", "-s", "-pr", "-ky", "-K", "-ay", "--addtag", TAG + archive_id.hex(), "-n", snap,
@@ -186,7 +194,7 @@ class Volume:
 
 def clean(local, archive_id=None):
     """Remove our snapshots in pool ``local`` (of one archive, or of all);
-    returns their names."""
+    returns (name, bytes of the pool it mapped) of each."""
     vg, pool = local.split("/")
     removed = []
     for name, lv in report(vg).items():
@@ -194,5 +202,5 @@ def clean(local, archive_id=None):
         if lv["pool_lv"] == pool and any(t == TAG + archive_id.hex() if archive_id else
                                          t.startswith(TAG) and t != TAG + "new" for t in tags):
             run("lvremove", "-f", "%s/%s" % (vg, name))
-            removed.append("%s/%s" % (vg, name))
+            removed.append(("%s/%s" % (vg, name), mapped(lv)))
     return removed

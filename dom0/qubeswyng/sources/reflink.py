@@ -190,12 +190,13 @@ def is_nodatacow(fd):
 
 # -- the source: a volume file and its snapshots (doc/sources.md) --------------
 
-SNAPSHOT = re.compile(r"^\.(.+)\.qwyng-([0-9a-f]{16})\.(tick|tock)$")
+SNAPSHOT = re.compile(r"^\.(.+)\.qwyng-([0-9a-f]{16})\.(?:[0-9a-f]{8}\.)?(tick|tock)$")
 
 
 class Volume:
-    """``<local>/<name>``; snapshots are ``.<file>.qwyng-<archive>.tick|tock``
-    beside it (same filesystem), read-only and owned by us."""
+    """``<local>/<name>``; snapshots are ``.<file>.qwyng-<archive>.<slot>``
+    beside it (same filesystem), read-only and owned by us.  ``size`` is
+    None for a ``create`` target that does not exist."""
     nodatacow = False
 
     def __init__(self, local, name, create=False):
@@ -204,6 +205,7 @@ class Volume:
         if not os.path.isdir(local):
             raise Fail("--local=%s: no such directory" % local)
         if create:
+            self.size = os.lstat(self.path).st_size if os.path.lexists(self.path) else None
             return
         fd = open_path(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
@@ -217,9 +219,15 @@ class Volume:
     def snapshot_name(self, archive_id, slot):
         return ".%s.qwyng-%s.%s" % (self.base, archive_id.hex()[:16], slot)
 
-    def snapshots(self, archive_id):
-        return [n for n in (self.snapshot_name(archive_id, s) for s in ("tick", "tock"))
+    def snapshots(self, archive_id, slots):
+        return [n for n in (self.snapshot_name(archive_id, s) for s in slots)
                 if os.path.lexists(os.path.join(self.dir, n))]
+
+    def usage(self, snap):
+        """Bytes the snapshot occupies (0 if it is gone)."""
+        with contextlib.suppress(FileNotFoundError):
+            return os.lstat(os.path.join(self.dir, snap)).st_blocks * 512
+        return 0
 
     def take(self, snap, archive_id):
         clone(self.path, os.path.join(self.dir, snap))
@@ -279,12 +287,13 @@ class Volume:
 
 def clean(local, archive_id=None):
     """Remove our snapshots under ``local`` (of one archive, or of all);
-    returns their paths."""
+    returns (path, bytes it occupied) of each."""
     removed = []
     for folder, _dirs, files in os.walk(local):
         for name in files:
             m = SNAPSHOT.match(name)
             if m and (archive_id is None or m.group(2) == archive_id.hex()[:16]):
-                os.unlink(os.path.join(folder, name))
-                removed.append(os.path.join(folder, name))
+                path = os.path.join(folder, name)
+                removed.append((path, os.lstat(path).st_blocks * 512))
+                os.unlink(path)
     return removed

@@ -21,7 +21,7 @@ from ..clock import point
 from ..errors import Fail
 from ..manifest import chunk_count
 from ..meta import Meta
-from ..progress import notice
+from ..progress import notice, size
 from . import NoSnapshots, backend, open_source
 
 SLOTS = ("tick", "tock")
@@ -62,8 +62,11 @@ class Rotation:
     lock that send waits for and monitor does not (BlockingIOError)."""
 
     def __init__(self, volume, meta, vid, wait=True):
-        self.volume, self.meta, self.aid = volume, meta, meta.archive_id
+        self.volume, self.meta, self.aid, self.vid = volume, meta, meta.archive_id, vid
         self.file = ("snapshots", vid + ".json")
+        # the slots carry the archive volume's id: a name sent again (a new
+        # id), or one local volume sent under two names, never meets these
+        self.slots = ["%s.%s" % (vid[:8], slot) for slot in SLOTS]
         os.makedirs(os.path.join(meta.dir, "snapshots"), mode=0o700, exist_ok=True)
         self.lock = _lock(meta, vid, wait, os.O_CREAT)
         state = meta.load_json(*self.file)
@@ -83,17 +86,39 @@ class Rotation:
                     return rec
         return None
 
+    def ours(self):
+        """Our snapshots of the volume: in its slots, or named by a record
+        (those of an older release had other names)."""
+        named = {r.get("snap") for r in self.records if isinstance(r, dict)}
+        return set(self.volume.snapshots(self.aid, self.slots)) | {
+            s for s in named if isinstance(s, str) and self.volume.ident(s, self.aid)}
+
     def _remove_others(self, keep):
-        for snap in self.volume.snapshots(self.aid):
-            if snap != keep:
+        for snap in self.ours() - {keep}:
+            self.volume.remove(snap)
+
+    def drop(self):
+        """Remove the volume's snapshots, its record and lock file (it is gone
+        from the pool or from the archive); the bytes the snapshots held.
+        Ends the rotation: no ``close`` after it."""
+        try:
+            snaps = self.ours()
+            freed = sum(map(self.volume.usage, snaps))
+            for snap in snaps:
                 self.volume.remove(snap)
+            for ext in (".json", ".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.meta.dir, "snapshots", self.vid + ext))
+        finally:
+            os.close(self.lock)
+        return freed
 
     def start(self, keep):
         """Remove our other snapshots of the volume and take a new one in
         the slot that record ``keep`` (or None) does not use; its reader."""
         keep = keep["snap"] if keep else None
         self._remove_others(keep)
-        snap = next(n for n in (self.volume.snapshot_name(self.aid, s) for s in SLOTS) if n != keep)
+        snap = next(n for n in (self.volume.snapshot_name(self.aid, s) for s in self.slots) if n != keep)
         self.new = {"snap": snap, "ident": self.volume.take(snap, self.aid)}
         if not self.new["ident"]:
             raise Fail("%s: the new snapshot %s is not as made" % (self.volume.name, snap))
@@ -236,22 +261,42 @@ def states(meta_dir, archive_id=None):
                 yield meta, name[:-5], state
 
 
+def forget(meta, vid):
+    """delete: remove the snapshots and records of archive volume ``vid``;
+    the bytes freed.  Left alone if its pool cannot be opened (``delete
+    --clean`` removes them later)."""
+    state = meta.load_json("snapshots", vid + ".json")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), str) for k in ("local", "name")):
+        return 0
+    try:
+        return Rotation(open_source(state["local"], state["name"], create=True), meta, vid).drop()
+    except Fail:
+        return 0
+
+
 def monitor(opts, names=None):
     """Fold the changes since the last send into each volume's change map
-    and replace its snapshot with a new one.  Returns (volume, chunks now
-    pending, or why it was left alone) for the volumes of --local."""
+    and replace its snapshot with a new one; remove the snapshots of a
+    volume that is gone from the pool (a removed qube's).  Returns (volume,
+    chunks now pending, or what was done or why not) for the volumes of
+    --local."""
     out = []
     for meta, vid, state in list(states(opts.meta_dir)):
         name = state.get("name")
         if state.get("local") != opts.local or names is not None and name not in names:
             continue
         try:
-            rot = Rotation(open_source(opts.local, name), meta, vid, wait=False)
+            volume = open_source(opts.local, name, create=True)
+            volume = volume if volume.size is None else open_source(opts.local, name)
+            rot = Rotation(volume, meta, vid, wait=False)
         except BlockingIOError:
             out.append((name, "busy: a send is running"))
             continue
         except Fail as e:
             out.append((name, str(e)))
+            continue
+        if volume.size is None:
+            out.append((name, "the volume is gone: removed its snapshots, %s freed" % size(rot.drop())))
             continue
         try:
             out.append((name, _fold(rot)))
@@ -278,7 +323,7 @@ def clean_local(opts, archive_id=None):
     """delete --clean: remove this tool's snapshots of one archive (of all
     with None) from every pool it has records for and from --local, then
     its records and cached maps.  root-seen stays: it is what detects a
-    rolled-back archive.  Returns the snapshots removed."""
+    rolled-back archive.  Returns (snapshot, bytes it held) of those removed."""
     pools = {state.get("local") for _meta, _vid, state in states(opts.meta_dir, archive_id)} | {opts.local}
     removed = []
     for local in sorted(p for p in pools if isinstance(p, str)):
