@@ -33,16 +33,21 @@ class Dom0:
         self.archive = app.domains["sys-backup"].fs / "home" / "user" / "qubes.wyng"
         self.dest = "qubes://sys-backup%s" % self.archive
 
-    def argv(self, *args):
+    def argv(self, *args, defaults=True):
+        if not defaults:  # the options come from a wyng.ini
+            return list(args)
         argv = ["--meta-dir=%s" % self.meta, "--passcmd=echo '%s'" % PASS, "--authmin=1"]
         if not any(a.startswith("--dest") for a in args):
             argv.append("--dest=" + self.dest)
         return argv + list(args)
 
-    def run(self, *args, expect=0, app=True):
+    def run(self, *args, expect=0, app=True, defaults=True):
+        """qvm-wyng ARGS with --meta-dir, --passcmd and --dest (unless not
+        ``defaults``), given the double as ``app`` (unless not ``app``: then
+        qubesadmin.Qubes() is the double too, as a service would run it)."""
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out), redirect_stderr(err):
-            code = cli.main(self.argv(*args), **({"app": self.app} if app else {}))
+            code = cli.main(self.argv(*args, defaults=defaults), **({"app": self.app} if app else {}))
         done = Result(code, out.getvalue(), err.getvalue())
         if expect is not None:
             assert code == expect, "exit %d\nstdout: %s\nstderr: %s" % (code, done.out, done.err)

@@ -36,8 +36,10 @@ class Plan:
         return "%s: %s%s" % (self.target, done, "; omitted: " + "; ".join(self.omitted) if self.omitted else "")
 
 
-def chosen(opts, archive):
-    """{qube: its archive volumes} of the qubes to restore."""
+def chosen(opts, archive, app):
+    """{qube: its archive volumes} of the qubes to restore; --all leaves
+    out the qubes this system has (a new install's templates), unless
+    --force."""
     have = {q: v for q, v in settings.qubes_in(archive.root).items() if settings.SETTINGS in v}
     if bool(opts.volumes) == bool(opts.all):
         raise Fail("restore: name the qubes or give --all (not both)")
@@ -46,6 +48,10 @@ def chosen(opts, archive):
         if name not in have:
             raise Fail("there is no backup of qube %s in the archive" % name)
     names = [n for n in dict.fromkeys(names) if n not in opts.exclude]
+    here = [n for n in names if opts.all and not opts.force and qubes.state(app, n)]
+    if here:
+        notice(opts, "left out, as this system has them (--force restores over them): %s" % ", ".join(here))
+        names = [n for n in names if n not in here]
     if opts.rename_to and len(names) != 1:
         raise Fail("--rename-to restores one qube")
     return {n: have[n] for n in names}
@@ -107,7 +113,7 @@ def run(opts, app):
         raise Fail("--settings-only and --data-only exclude each other")
     app = qubes.connect(app)
     with Archive(opts, app).open() as archive:
-        plans = check(opts, app, [load(opts, archive, q, v) for q, v in chosen(opts, archive).items()])
+        plans = check(opts, app, [load(opts, archive, q, v) for q, v in chosen(opts, archive, app).items()])
         rename = {p.qube: p.target for p in plans}
         for p in plans:  # a disposable's template needs template_for_dispvms before it is created
             p.created = qubes.state(app, p.target) is None
