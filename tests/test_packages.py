@@ -149,6 +149,10 @@ def test_dom0_rpm_holds_the_right_files_with_the_right_modes(built):
         "/usr/share/man/man1/qvm-wyng.1.gz": (0o100644, ""),
         "/etc/wyng": (0o40755, ""),
         "/var/lib/qubes-wyng": (0o40700, ""),    # --meta-dir's default: keys' cache, root-seen
+        "/etc/wyng/schedule.conf": (0o100644, "cn"),
+        "/usr/lib/systemd/system/qubes-wyng-backup.service": (0o100644, ""),
+        "/usr/lib/systemd/system/qubes-wyng-backup.timer": (0o100644, ""),
+        "/usr/lib/qubes-wyng/notify": (0o100755, ""),
     }
     for path, (mode, flags) in expect.items():
         assert path in files, path
@@ -161,6 +165,21 @@ def test_dom0_rpm_holds_the_right_files_with_the_right_modes(built):
         if path.startswith(site) and not path.endswith("/") and mode & 0o170000 == 0o100000:
             assert mode == 0o100644, path
     assert not [f for f in files if "wyngagent" in f or "qubes-rpc" in f], "agent files belong to qubes-wyng-vm"
+
+
+def test_dom0_rpm_systemd_units_pass_systemd_analyze_verify(built, tmp_path):
+    """The scheduled backup's timer and service, as packaged, in a root made
+    of the payload (so ExecStart's qvm-wyng and the notify script are the
+    packaged ones) plus the host's targets their default dependencies name."""
+    need(which("systemd-analyze"), "systemd-analyze (systemd)")
+    root = unpack(built, "dom0", tmp_path / "root")
+    units = "/usr/lib/systemd/system"
+    for target in Path(units).glob("*.target"):
+        shutil.copy(target, root / units[1:])
+    done = subprocess.run(["systemd-analyze", "verify", "--root=%s" % root, units + "/qubes-wyng-backup.timer",
+                           units + "/qubes-wyng-backup.service"], capture_output=True, text=True,
+                          env=dict(os.environ, MANPATH=str(root / "usr/share/man")))  # Documentation=man:qvm-wyng(1)
+    assert (done.returncode, done.stdout + done.stderr) == (0, ""), done
 
 
 def test_vm_rpm_holds_the_right_files_with_the_right_modes(built):
