@@ -384,6 +384,7 @@ class FilePool:
 
     def start(self, vol):
         dirty = self.path(vol.vid, "-dirty")
+        dirty.parent.mkdir(parents=True, exist_ok=True)
         if vol.save_on_stop and not dirty.exists():
             _copy(self.path(vol.vid), dirty)
         elif vol.snap_on_start:
@@ -800,8 +801,7 @@ class Domains:
             raise QubesVMError("%s is running" % name)
         del self._vms[str(name)]
         for vol in vm.volumes.values():
-            if vol.save_on_stop:
-                vol._pool.remove(vol.vid)
+            vol._pool.remove(vol.vid)
 
 
 RELEASES = {
@@ -881,6 +881,8 @@ class QubesDouble:
                                           ("private", 2 * MiB, cls != "DispVM", cls == "DispVM"),
                                           ("volatile", 1 * MiB, False, False)):
             source = tpl.volumes[volume] if snap else None
+            while source is not None and source.snap_on_start:  # a disposable's root: its template's template's
+                source = source.source
             vm.volumes[volume] = Volume(vm, volume, target, size, saved, snap, source)
         self.changes.append((name, "created", cls))
         return vm
