@@ -273,21 +273,18 @@ def assign(app, vm, dev):
 def refresh_menus(vms, opts):
     """What qubesd's appmenus extension does when a qube changes, once more
     now that every setting is in: the qube's GUI qube runs
-    qubes.UpdateAppMenusFor+NAME (qvm-appmenus --update); a GUI qube that
-    is not running gets NAME in its menu-update-pending-for feature, which
-    it works through when it starts."""
+    qubes.UpdateAppMenusFor+NAME (qvm-appmenus --update).  For a GUI qube
+    that is not running the extension has queued its updates itself."""
     for vm in vms:
         try:
             gui = vm.guivm  # None: no GUI, no menu
-            if gui is not None and not gui.is_running():
-                pending = gui.features.get("menu-update-pending-for", "").split()
-                gui.features["menu-update-pending-for"] = " ".join(sorted(set(pending) | {vm.name}))
-            elif gui is not None:
-                proc = gui.run_service("qubes.UpdateAppMenusFor+" + vm.name, autostart=False,
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                err = proc.communicate(timeout=300)[1]
-                if proc.returncode:
-                    raise Fail(err.decode("ascii", "replace").strip()[-200:] or "exit %d" % proc.returncode)
+            if gui is None or not gui.is_running():
+                continue
+            proc = gui.run_service("qubes.UpdateAppMenusFor+" + vm.name, autostart=False,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            err = proc.communicate(timeout=300)[1]
+            if proc.returncode:
+                raise Fail(err.decode("ascii", "replace").strip()[-200:] or "exit %d" % proc.returncode)
         except Exception as e:
             notice(opts, "%s: its menu entries were not refreshed: %s" % (vm.name, e))
 

@@ -28,7 +28,7 @@ NEVER_COPY = frozenset((
 VM_REFS = ("netvm", "default_dispvm", "management_dispvm", "audiovm", "guivm")
 NET_IDS = ("ip", "ip6")  # restored only where no other qube has them
 DEVICE = {"class": ("pci", "usb", "block", "mic"), "mode": ("required", "auto-attach", "ask-to-attach")}
-PORT = re.compile(r"[\x21-\x7e]{1,255}\Z")
+PORT, DEVICE_ID = re.compile(r"[\x21-\x7e]{1,255}\Z"), re.compile(r"[\x20-\x7e]{1,255}\Z")
 NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_.-]{0,30}\Z")
 PROPERTY = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 FEATURE = re.compile(r"[a-zA-Z0-9_.+-]{1,255}\Z")
@@ -131,10 +131,10 @@ def check(rec, name):
          and all(isinstance(v, str) and VOLUME.match(v) and v != SETTINGS for v in vols), "volumes")
     devs = rec["devices"]
     need(isinstance(devs, list) and len(devs) <= 256 and all(
-        isinstance(d, dict) and set(d) == {"class", "backend", "port", "device", "mode", "options"}
-        and d["class"] in DEVICE["class"] and d["mode"] in DEVICE["mode"] and is_name(d["backend"])
-        and isinstance(d["port"], str) and PORT.match(d["port"]) and _text(d["device"], 255) and d["device"] != ""
-        and d["device"].isascii() and d["device"].isprintable() and isinstance(d["options"], dict)
-        and len(d["options"]) <= 32 and all(FEATURE.match(k) and _text(v, 255) and v.isprintable()
-                                            for k, v in d["options"].items()) for d in devs), "a device")
+        isinstance(d, dict) and set(d) == {"class", "backend", "port", "device", "mode", "options"} and
+        d["class"] in DEVICE["class"] and d["mode"] in DEVICE["mode"] and is_name(d["backend"]) and
+        isinstance(d["port"], str) and PORT.match(d["port"]) and isinstance(d["device"], str) and
+        DEVICE_ID.match(d["device"]) and isinstance(d["options"], dict) and len(d["options"]) <= 32 and
+        all(FEATURE.match(k) and _text(v, 255) and v.isprintable() for k, v in d["options"].items()) for d in devs),
+        "a device")
     return rec
