@@ -518,7 +518,6 @@ def _feed(stream, out, size):
         out.write(block)
     if copied != size:
         raise QubesException("not enough data (copied %d bytes, expected %d bytes)" % (copied, size))
-    out.truncate(size)
     return copied
 
 
