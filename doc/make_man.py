@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(TOP, "dom0"))
 
 from qubeswyng import cli, config, keys  # noqa: E402
 from qubeswyng.commands.diff import EXIT_DIFFERENT  # noqa: E402
-from qubeswyng.errors import EXIT_ERROR  # noqa: E402
+from qubeswyng.errors import EXIT_ERROR, EXIT_PARTIAL  # noqa: E402
 
 
 def roff(text):
@@ -130,6 +130,8 @@ def render():
     for path, what in ((config.DEFAULT_PATH, "option defaults (all comments as installed)"),
                        (cli.META_DIR, "dom0 metadata: the last archive root seen, per archive"),
                        (keys.AUTH_DIR, "the passphrase cache of --authmin (tmpfs, root only)"),
+                       ("/etc/wyng/schedule.conf", "what the scheduled backup (qubes-wyng-backup.timer, off until "
+                        "enabled) backs up; list --qubes reads it for OVERDUE"),
                        ("/etc/qubes/policy.d/90-qubes-wyng.policy",
                         "qrexec policy: no qube may call a wyng service in dom0 or in another qube")):
         add(".TP")
@@ -137,6 +139,7 @@ def render():
         add(roff(what))
     add(".SH EXIT STATUS")
     for code, what in ((0, "success"), (EXIT_ERROR, "the command failed (the error is printed)"),
+                       (EXIT_PARTIAL, "restore: some qubes were restored, others not whole (each is listed)"),
                        (EXIT_DIFFERENT, "diff: the volumes differ from their archived sessions"),
                        (130, "interrupted")):
         add(".TP")

@@ -38,7 +38,8 @@ COMMANDS = {
              ["dest", "json", "qubes", "passcmd", "authmin"]),
     "backup": (backup.run, "[VMNAME ...|--all]", "back up qubes, their volumes and settings, as one new session",
                ["dest", "all", "exclude", "import-other-from", "tag", "json", "passcmd", "authmin"]),
-    "restore": (restore.run, "[VMNAME ...|--all]", "restore qubes from their backup, creating missing ones",
+    "restore": (restore.run, "[VMNAME ...|--all]", "restore qubes from their backup, creating missing ones "
+                "(exit 2: some were not restored whole)",
                 ["dest", "all", "exclude", "session", "rename-to", "pool", "settings-only", "data-only",
                  "passcmd", "authmin"]),
     "mount": (browse.run_mount, "VOLUME MOUNTPOINT",
@@ -50,14 +51,16 @@ COMMANDS = {
                "without network: dom0 never parses them",
                ["dest", "session", "session-strict", "dispvm", "passcmd", "authmin"]),
     "monitor": (monitor.run, "[VOLUME ...|--all]",
-                "note the changes since the last send and renew the snapshots (no archive needed)",
+                "note the changes since the last send and renew the snapshots; free those of volumes gone "
+                "from the pool (no archive needed)",
                 ["local", "all"]),
     "diff": (diff.run, "VOLUME ...", "compare local volumes with their archived session (exit 3: they differ)",
              ["dest", "local", "session", "session-strict", "json", "passcmd", "authmin"]),
     "prune": (prune.run, "[VOLUME ...|--all]", "remove sessions and reclaim their space (never the newest)",
               ["dest", "all", "session", "all-before", "keep", "autoprune", "apdays", "passcmd", "authmin"]),
     "delete": (delete.run, "VOLUME ...|--clean [--all]",
-               "remove volumes and all their sessions from the archive; with --clean, remove only this "
+               "remove volumes and all their sessions from the archive, and their local snapshots; with "
+               "--clean, remove only this "
                "tool's local snapshots and metadata (the archive is untouched)",
                ["dest", "local", "clean", "all", "passcmd", "authmin"]),
     "rename": (rename.run, "OLD NEW", "rename a volume in the archive", ["dest", "passcmd", "authmin"]),
@@ -78,7 +81,7 @@ OPTIONS = {
                                 "or an inclusive range FIRST,LAST; arch-check: newest, or one and all older")),
     "all": ("-a", dict(action="store_true", help="every volume (of the archive; monitor: of --local); backup: "
                                                 "every qube with include_in_backups; restore: every qube in the "
-                                                "archive; delete --clean: every archive's local metadata")),
+                                                "archive that this system lacks (force: all); delete --clean: every archive's local metadata")),
     "all-before": (None, dict(action="store_true", help="prune every session before --session")),
     "keep": (None, dict(action="append", default=[], metavar="YYYYMMDD-HHMMSS|^TAG",
                         help="never prune this session, or sessions with this tag; repeat for more")),
@@ -115,7 +118,8 @@ OPTIONS = {
     "meta-dir": (None, dict(default=META_DIR, metavar="PATH", help="dom0 metadata folder (%s)" % META_DIR)),
     "json": (None, dict(action="store_true", help="machine-readable output")),
     "exclude": (None, dict(action="append", default=[], metavar="VMNAME", help="leave this qube out of --all")),
-    "qubes": (None, dict(action="store_true", help="list: one line per qube (last backup, sessions, size)")),
+    "qubes": (None, dict(action="store_true", help="list: one line per qube (last backup, sessions, size; "
+                                                  "OVERDUE per /etc/wyng/schedule.conf)")),
     "dispvm": (None, dict(metavar="TEMPLATE", help="browse: the disposable template (default: the qube's "
                                                   "default_dispvm, else the system's)")),
     "rename-to": (None, dict(metavar="NEWNAME", help="restore the one qube named under this name")),
