@@ -139,3 +139,30 @@ def test_disaster_recovery_onto_a_fresh_qubes(tmp_path, btrfs_session, old, new)
     finally:
         QubesDouble.uninstall()
         shutil.rmtree(pools, ignore_errors=True)
+
+
+def test_the_double_refuses_what_each_release_refuses(system, release):
+    """The refusals the restore above meets, as the real client and qubesd make them."""
+    from qubes_double import DeviceAssignment43, QubesLabelNotFoundError, QubesValueError, QubesVMError
+    work = system.domains["work"]
+    with pytest.raises(QubesValueError, match="512"):
+        work.kernelopts = "x" * 513
+    with pytest.raises(QubesValueError, match="MAC"):
+        work.mac = "00:16:3e:5e:6c"
+    with pytest.raises(QubesLabelNotFoundError):
+        system.add_new_vm("AppVM", "new", "pink", template="fedora-40")
+    with pytest.raises(AssertionError, match="illegal characters"):  # ProtocolError: not a QubesException
+        work.features["motto"] = "über"
+    assert hasattr(work, "get_notes") == (release == "4.3")
+    if release == "4.3":
+        with pytest.raises(QubesValueError, match="PCI devices cannot be assigned as not required"):
+            work.devices["pci"].assign(DeviceAssignment43.new(system.domains["dom0"], "00_1f.0", "pci",
+                                                              mode="auto-attach"))
+        with pytest.raises(QubesValueError, match="Only pci and block devices can be assigned as required"):
+            work.devices["usb"].assign(DeviceAssignment43.new(system.domains["sys-usb"], "3-1", "usb",
+                                                              mode="required"))
+    else:
+        assert not hasattr(work.devices["pci"], "assign") and not hasattr(work.devices["pci"], "get_assigned_devices")
+    work.tags.add("backup-restore-in-progress")
+    with pytest.raises(QubesVMError, match="Restore of this domain in progress"):
+        work.start()
