@@ -132,6 +132,7 @@ def test_settings_only_creates_the_qube_without_its_data(dom0, system):
     assert {k: v for k, v in restored.items() if k != "volumes"} == {k: v for k, v in saved.items() if k != "volumes"}
 
 
+@ONE_RELEASE
 def test_missing_template_is_an_error_naming_it_before_anything_is_created(dom0, system):
     dom0.run("backup", "vault", "default-dvm", "disp-web")
     for name in ("disp-web", "sys-usb", "default-dvm", "vault", "debian-12"):
@@ -146,6 +147,7 @@ def test_missing_template_is_an_error_naming_it_before_anything_is_created(dom0,
     assert "needs its template default-dvm" in done.err
 
 
+@ONE_RELEASE
 def test_restore_choices_and_their_errors(dom0, system):
     dom0.run("backup", "work", "vault")
     for args, words in ((["restore"], "name the qubes or give --all"),
@@ -160,6 +162,7 @@ def test_restore_choices_and_their_errors(dom0, system):
     assert "vault" in system.domains
 
 
+@ONE_RELEASE
 def test_rename_to_maps_references_to_the_renamed_qube(dom0, system):
     fw = system.domains["sys-firewall"]
     fw.default_dispvm = "sys-firewall"  # odd, but a reference to itself must follow the rename
