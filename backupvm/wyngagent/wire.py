@@ -7,7 +7,7 @@ that a confused peer cannot make it allocate without bound.
 import os
 import struct
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">BI")
 MAX_PAYLOAD = (4 << 20) + 64  # the largest chunk (2 MiB) with room to spare
 
@@ -15,6 +15,7 @@ MAX_PAYLOAD = (4 << 20) + 64  # the largest chunk (2 MiB) with room to spare
 HELLO, GET_HEADER, INIT, OPEN, LOCK, UNLOCK, GET_ROOT, PUT_CHUNK, \
     PUT_MANIFEST, PUT_ROOT, GET_MANIFEST, GET_CHUNKS, BYE, GET_STATS, \
     SCAN, MARK_GARBAGE, GET_FREE = range(1, 18)
+HAVE, GET_OBJECTS, PUT_OBJECT = range(19, 22)
 # replies (agent -> dom0)
 OK, ERR, DATA, END, NONE = range(0x80, 0x85)
 
@@ -52,15 +53,19 @@ class Writer:
         self.fd = fd
 
     def send(self, op, *parts):
-        length = sum(len(p) for p in parts)
-        pending = [HEADER.pack(op, length), *parts]
-        while pending:
-            written = os.writev(self.fd, pending)
-            while pending and written >= len(pending[0]):
-                written -= len(pending[0])
-                pending.pop(0)
-            if written:
-                pending[0] = memoryview(pending[0])[written:]
+        write_all(self.fd, [HEADER.pack(op, sum(len(p) for p in parts)), *parts])
 
     def error(self, text):
         self.send(ERR, text.encode("utf-8", "replace")[:1000])
+
+
+def write_all(fd, parts):
+    """Write every part, in as many gathering writes as it takes."""
+    pending = list(parts)
+    while pending:
+        written = os.writev(fd, pending)
+        while pending and written >= len(pending[0]):
+            written -= len(pending[0])
+            pending.pop(0)
+        if written:
+            pending[0] = memoryview(pending[0])[written:]
