@@ -94,11 +94,12 @@ def test_man_page_describes_every_option_as_help_does():
     section = man_text(man_section("OPTIONS"))
     entries = section.split(".TP\n")[1:]
     assert len(entries) == len(cli.OPTIONS) + 1
-    help_text = re.sub(r"\s+", " ", run("--help"))
+    # argparse may wrap after a hyphen ("qubes-" / "ssh://"): compare without spaces
+    help_text = re.sub(r"\s+", "", run("--help"))
     for entry in entries:
         term, text, _br, users = entry.splitlines()[:4]
         name = re.findall(r"--([a-z-]+)", term)[0]
-        assert re.sub(r"\s+", " ", text) in help_text, name
+        assert re.sub(r"\s+", "", text) in help_text, name
         if name in cli.COMMON or name == "help":
             assert users == "All commands."
         else:

@@ -8,7 +8,7 @@ import struct
 import sys
 
 from . import __version__, wire
-from .archive import Archive, ArchiveError, PART
+from .archive import CHUNK, MANIFEST, Archive, ArchiveError, PART
 from .hooks import point
 from .lease import LeaseError
 from .objects import Codec, ObjectError
@@ -20,6 +20,9 @@ CHUNK_ID = 32
 MANIFEST_ID = 16
 MAX_CHUNK = 2 << 20
 SCAN_ITEM = struct.Struct(">16sI")  # manifest name, group
+OBJECT_ID = {CHUNK: CHUNK_ID, MANIFEST: MANIFEST_ID}  # id length of each kind
+MAX_URL = 4096
+BEFORE_OPEN = {wire.HELLO, wire.GET_HEADER, wire.INIT, wire.OPEN, wire.BYE}
 FATAL = (ArchiveError, LeaseError, ObjectError, OSError, wire.ProtocolError)
 
 
@@ -39,6 +42,8 @@ class Session:
                 raise wire.ProtocolError("unknown request %d" % op)
             if op != wire.HELLO and self.archive is None:
                 raise wire.ProtocolError("HELLO must come first")
+            if op not in BEFORE_OPEN and self.archive.codec is None:
+                raise wire.ProtocolError("OPEN must come first")
             if handler(self, payload) is False:
                 return 0
             if self.archive and self.archive.lease.lost:  # found by the renewal thread
@@ -76,14 +81,21 @@ class Session:
         (version,) = struct.unpack(">H", payload[:2])
         if version != wire.PROTOCOL_VERSION:
             raise wire.ProtocolError("protocol version %d is not %d" % (version, wire.PROTOCOL_VERSION))
-        location = payload[2:].decode()
-        if not location.startswith("/"):
-            raise wire.ProtocolError("archive location must be an absolute path")
-        self.archive = Archive(open_store(location))
+        if len(payload) > 2 + MAX_URL:
+            raise wire.ProtocolError("storage URL too long")
+        try:
+            url = payload[2:].decode()
+        except UnicodeDecodeError:
+            raise wire.ProtocolError("storage URL is not UTF-8") from None
+        self.archive = Archive(open_store(url))
         self.out.send(wire.OK, struct.pack(">H", wire.PROTOCOL_VERSION), __version__.encode())
 
     def get_header(self, _payload):
-        self.out.send(wire.DATA, self.archive.header())
+        header = self.archive.header()
+        if header is None:
+            self.out.send(wire.NONE)
+        else:
+            self.out.send(wire.DATA, header)
 
     def init(self, payload):
         self.archive.init(payload)
@@ -139,14 +151,35 @@ class Session:
             self.out.error(str(e))
 
     def get_chunks(self, payload):
-        if len(payload) % CHUNK_ID:
-            raise wire.ProtocolError("bad chunk list")
-        ids = (payload[i:i + CHUNK_ID] for i in range(0, len(payload), CHUNK_ID))
-        for data in self.archive.get_chunks(ids):
+        for data in self.archive.get_chunks(_ids(payload, CHUNK_ID)):
             if isinstance(data, Exception):
                 self.out.error(str(data))
             else:
                 self.out.send(wire.DATA, data)
+
+    # -- arch-copy: sealed objects as they are stored ----------------------------
+    def objects(self, payload):
+        """(kind, [ids]) of a HAVE or GET_OBJECTS request."""
+        if not payload or payload[0] not in OBJECT_ID:
+            raise wire.ProtocolError("bad object kind")
+        return payload[0], _ids(payload[1:], OBJECT_ID[payload[0]])
+
+    def have(self, payload):
+        self.out.send(wire.OK, self.archive.have(*self.objects(payload)))
+
+    def get_objects(self, payload):
+        for parts in self.archive.get_objects(*self.objects(payload)):
+            if isinstance(parts, Exception):
+                self.out.error(str(parts))
+            else:
+                self.send_parts(parts)
+
+    def put_object(self, payload):
+        kind = payload[0] if payload else None
+        if kind not in OBJECT_ID or len(payload) < 1 + OBJECT_ID[kind]:
+            raise wire.ProtocolError("bad PUT_OBJECT")
+        n = 1 + OBJECT_ID[kind]
+        self.archive.put_object(kind, payload[1:n], self.stream(wire.PUT_OBJECT, payload[n:]))
 
     def scan(self, payload):
         if len(payload) < 5:
@@ -187,8 +220,15 @@ HANDLERS = {
     wire.PUT_MANIFEST: Session.put_manifest, wire.PUT_ROOT: Session.put_root,
     wire.GET_MANIFEST: Session.get_manifest, wire.GET_CHUNKS: Session.get_chunks,
     wire.BYE: Session.bye, wire.GET_STATS: Session.get_stats, wire.SCAN: Session.scan,
-    wire.MARK_GARBAGE: Session.mark_garbage, wire.GET_FREE: Session.get_free,
+    wire.MARK_GARBAGE: Session.mark_garbage, wire.GET_FREE: Session.get_free, wire.HAVE: Session.have,
+    wire.GET_OBJECTS: Session.get_objects, wire.PUT_OBJECT: Session.put_object,
 }
+
+
+def _ids(payload, size):
+    if len(payload) % size:
+        raise wire.ProtocolError("bad id list")
+    return [payload[i:i + size] for i in range(0, len(payload), size)]
 
 
 def main():
@@ -214,6 +254,7 @@ def main():
                 session.archive.unlock()
             except OSError:
                 pass
+            session.archive.store.close()
 
 
 def _oserror(e):

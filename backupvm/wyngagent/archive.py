@@ -26,6 +26,9 @@ MIN_OBJECT = len(MAGIC) + 1 + 4 + 1
 # store's I/O, the AEAD and zstd release the GIL, so they use every core,
 # and a store with latency has that many requests waiting (doc/PROTOCOL.md)
 IN_FLIGHT = 8
+MAX_IN_FLIGHT = 32 << 20  # bytes of chunks a store with latency may have in flight
+BATCH, BATCH_BYTES = 64, 8 << 20  # new chunks whose existence one call checks
+CHUNK, MANIFEST = 0, 1  # object kinds in HAVE, GET_OBJECTS, PUT_OBJECT
 
 
 class ArchiveError(Exception):
@@ -48,11 +51,15 @@ class Archive:
         self.chunk_size = None
         self.lease = Lease(store)
         self.stats = [0, 0, 0, 0]  # stored, deduplicated, bytes in, bytes stored
-        # sealing is CPU work: a thread per core (up to 4), as many queued;
-        # more threads measured more CPU per byte on 2 cores, not more speed
-        self.writers = Workers(min(IN_FLIGHT // 2, os.cpu_count() or 1))
+        # sealing is CPU work: the local store wants a thread per core (up to
+        # 4), as many queued (more measured more CPU per byte on 2 cores, not
+        # more speed); a store with latency wants more (open() sets them)
+        self.writers = Workers(store.connections)
         self.writing = set()  # ids of chunks being stored right now
-        self.readers = None  # made by the first get_chunks
+        self.batch, self.batch_bytes, self.checking = [], 0, None
+        self.checker = ThreadPoolExecutor(1, "exists")
+        self.readers = ThreadPoolExecutor(max(IN_FLIGHT, store.connections), "chunk-reader")
+        self.window = IN_FLIGHT
 
     # -- creation and header ---------------------------------------------
     def init(self, header):
@@ -62,27 +69,36 @@ class Archive:
         # its writer) is an arch-init that was interrupted
         if any(name != HEADER_NAME and name.split(".")[0] != LOCK_NAME and TMP_SUFFIX not in name
                for name in self.store.list("")):
-            raise ArchiveError("destination %s exists and is not empty" % self.store.root)
+            raise ArchiveError("destination %s exists and is not empty" % self.store.location)
         self.store.make_root()
         self.store.write(HEADER_NAME, header, durable=True)
 
     def header(self):
+        """The header's bytes, or None if there is no archive here."""
         try:
             data = self.store.read(HEADER_NAME)
-        except FileNotFoundError:
-            raise ArchiveError("no archive at %s" % self.store.root) from None
-        except NotADirectoryError:
-            raise ArchiveError("no archive at %s (not a directory)" % self.store.root) from None
+        except (FileNotFoundError, NotADirectoryError):
+            return None
         if len(data) > MAX_HEADER:
             raise ArchiveError("archive header is too large")
         return data
 
     def open(self, codec, chunk_size):
+        """The storage key and settings: objects can be sealed and opened.
+        As many chunks are written at once as the store wants connections,
+        and read at least IN_FLIGHT ahead, within MAX_IN_FLIGHT bytes."""
         self.codec, self.chunk_size = codec, chunk_size
+        most = max(1, MAX_IN_FLIGHT // chunk_size)
+        self.writers.count = min(self.store.connections, most)
+        self.window = min(max(IN_FLIGHT, self.store.connections), most)
 
     # -- writer lock (lease.py) ----------------------------------------------
     def lock(self, owner, ttl, force):
         """Take the writer lock; returns (flags, previous holder)."""
+        if not self.store.atomic_replace:
+            raise ArchiveError("%s cannot replace objects atomically (an SFTP server without "
+                               "posix-rename@openssh.com): the archive can be read there, not written" %
+                               self.store.location)
         flags, holder = self.lease.take(owner, ttl, force)
         if self.store.size(GARBAGE_NAME) is not None:
             flags |= LOCK_GARBAGE
@@ -111,10 +127,11 @@ class Archive:
         return self._parts(ROOT_NAME, source)
 
     def put_chunk(self, chunk_id, data):
-        """Store a chunk unless it is there already; compression, encryption
-        and the write happen on worker threads (they release the GIL)."""
+        """Store a chunk unless it is there already.  New chunks gather in
+        a batch whose existence one call checks (a round trip for the whole
+        batch, made while the next batch gathers); compression, encryption
+        and the writes happen on worker threads (they release the GIL)."""
         self.require_lock()
-        name = chunk_name(chunk_id)
         with self.writers.mutex:
             self.stats[2] += len(data)
             duplicate = chunk_id in self.writing
@@ -123,20 +140,38 @@ class Archive:
         if duplicate:
             self._count(1, 0)
             return
-        self.writers.submit(self._store_chunk, name, chunk_id, data)
+        self.batch.append((chunk_name(chunk_id), chunk_id, data))
+        self.batch_bytes += len(data)
+        if len(self.batch) >= BATCH or self.batch_bytes >= BATCH_BYTES:
+            self._check_batch()
+
+    def _check_batch(self):
+        """Start checking the gathered batch; store what the check before
+        found missing."""
+        checked, self.checking = self.checking, None
+        if self.batch:
+            self.checking = self.batch, self.checker.submit(self.store.sizes, [n for n, _c, _d in self.batch])
+            self.batch, self.batch_bytes = [], 0
+        if checked:
+            batch, sizes = checked
+            for (name, chunk_id, data), size in zip(batch, sizes.result()):
+                if _plausible(size):
+                    self._count(1, 0)
+                    self._written(chunk_id)
+                else:
+                    self.writers.submit(self._store_chunk, name, chunk_id, data)
 
     def _store_chunk(self, name, chunk_id, data):
         try:
-            size = self.store.size(name)
-            if size is not None and size >= MIN_OBJECT:
-                self._count(1, 0)
-                return
             sealed = self.codec.seal(name, data)
             self.store.write(name, sealed)
             self._count(0, len(sealed))
         finally:
-            with self.writers.mutex:
-                self.writing.discard(chunk_id)
+            self._written(chunk_id)
+
+    def _written(self, chunk_id):
+        with self.writers.mutex:
+            self.writing.discard(chunk_id)
 
     def _count(self, duplicate, stored_bytes):
         with self.writers.mutex:
@@ -145,36 +180,37 @@ class Archive:
 
     def drain(self):
         """Wait for every chunk write; raise the first failure."""
+        while self.batch or self.checking:
+            self._check_batch()
         self.writers.drain()
 
-    def get_chunk(self, chunk_id):
-        name = chunk_name(chunk_id)
-        try:
-            blob = self.store.read(name)
-        except FileNotFoundError:
-            raise ArchiveError("chunk %s is missing" % chunk_id.hex()) from None
-        return self.codec.open(name, blob, self.chunk_size)
-
     def get_chunks(self, ids):
-        """Yield, in the order of ``ids``, each chunk's plaintext or the
-        ArchiveError or ObjectError that opening it raised.  Up to IN_FLIGHT
-        chunks are read and opened ahead on worker threads, so memory is
-        that many chunks whatever the number of ids."""
-        if self.readers is None:
-            self.readers = ThreadPoolExecutor(IN_FLIGHT, "chunk-reader")
+        """The plaintext of each chunk, in order, or in its place the
+        ArchiveError or ObjectError saying why not; the objects are read and
+        opened up to ``window`` ahead, on threads."""
+        return self._ahead(self._get_chunk, ids)
+
+    def _ahead(self, fn, items):
         pending = collections.deque()
-        for chunk_id in ids:
-            pending.append(self.readers.submit(self._get_or_error, chunk_id))
-            if len(pending) >= IN_FLIGHT:
+        for item in items:
+            pending.append(self.readers.submit(fn, item))
+            if len(pending) >= self.window:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
-    def _get_or_error(self, chunk_id):
+    def _get_chunk(self, chunk_id):
+        name = chunk_name(chunk_id)
         try:
-            return self.get_chunk(chunk_id)
+            return self.codec.open(name, self._read(name, "chunk %s" % chunk_id.hex()), self.chunk_size)
         except (ArchiveError, ObjectError) as e:
             return e
+
+    def _read(self, name, what):
+        try:
+            return self.store.read(name)
+        except FileNotFoundError:
+            raise ArchiveError("%s is missing" % what) from None
 
     def put_manifest(self, mid, parts):
         self.require_lock()
@@ -198,13 +234,77 @@ class Archive:
         the root atomically.  A crash before the rename leaves the old root."""
         self.require_lock()
         self.drain()
-        self.store.sync()
+        if self.store.needs_sync:
+            self.store.sync()
         sealed = list(self.codec.seal_stream(ROOT_NAME, parts))
         point("agent:before-root")
         self.lease.confirm()  # a writer that lost the lock must not replace the root
         self.store.write(ROOT_NAME, sealed, durable=True)
         point("agent:after-root")
 
+    # -- copying sealed objects between archives (arch-copy) ---------------------
+    def _object_name(self, kind, oid):
+        return chunk_name(oid) if kind == CHUNK else manifest_name(oid)
+
+    def have(self, kind, ids):
+        """Which of these objects are stored: one bit each, in one call."""
+        bits = bytearray((len(ids) + 7) // 8)
+        for i, size in enumerate(self.store.sizes([self._object_name(kind, oid) for oid in ids])):
+            if _plausible(size):
+                bits[i // 8] |= 1 << (i % 8)
+        return bytes(bits)
+
+    def get_objects(self, kind, ids):
+        """Each object's stored bytes as a list of parts (ArchiveError in
+        place of a missing one); chunks are read ahead on threads."""
+        if kind == CHUNK:
+            return self._ahead(self._raw_chunk, ids)
+        return (self._raw_manifest(oid) for oid in ids)
+
+    def _raw_chunk(self, oid):
+        name = self._object_name(CHUNK, oid)
+        try:
+            blob = self._read(name, "chunk %s" % oid.hex())
+        except ArchiveError as e:
+            return e
+        return [blob[i:i + PART] for i in range(0, len(blob), PART)]
+
+    def _raw_manifest(self, oid):
+        try:
+            source = self.store.open(self._object_name(MANIFEST, oid))
+        except FileNotFoundError:
+            return ArchiveError("manifest %s is missing" % oid.hex())
+        return _read_parts(source)
+
+    def put_object(self, kind, oid, parts):
+        """Store an object copied as it was sealed, once it opened with this
+        archive's key under its name (a chunk on a writer thread)."""
+        self.require_lock()
+        name = self._object_name(kind, oid)
+        if kind == MANIFEST:
+            self.store.write(name, self.codec.checked(name, parts, PART))
+            return
+        blob = bytearray()
+        for part in parts:
+            blob += part
+            if len(blob) > 2 * self.chunk_size + PART:  # far beyond any sealed chunk: memory stays bounded
+                raise ArchiveError("copied chunk %s is too large" % oid.hex())
+        self.writers.submit(self._copy_chunk, name, bytes(blob))
+
+    def _copy_chunk(self, name, blob):
+        self.codec.open(name, blob, self.chunk_size)
+        self.store.write(name, blob)
+        self._count(0, len(blob))
+
+
+def _plausible(size):
+    """A stored object this size may be whole (a dedup hit): see doc/decisions.md."""
+    return size is not None and size >= MIN_OBJECT
+
+
+def _read_parts(source):
+    with source:
+        yield from iter(lambda: source.read(PART), b"")
 
 
 class Workers:

@@ -113,6 +113,16 @@ class Codec:
                 return
             index += 1
 
+    def checked(self, name, parts, max_part):
+        """The stored bytes of an object arriving in ``parts`` (copied as it
+        was sealed), passed on only once the segments holding them opened
+        under ``name``: a damaged or misnamed object raises ObjectError
+        before its end is passed on."""
+        source = _Tee(parts)
+        for _plain in self.open_stream(name, source, max_part):
+            yield source.take()
+        yield source.take()
+
     def _open_segment(self, name, index, last, stored, max_part):
         if self.cipher == CIPHER_XCHACHA:
             if len(stored) < NONCE + TAG + 1:
@@ -162,6 +172,29 @@ def _exact(source, n):
     if len(data) != n:
         raise ObjectError("object is truncated")
     return data
+
+
+class _Tee:
+    """``read(n)`` over an iterable of parts; ``take()`` returns the bytes
+    read since it was last called."""
+
+    def __init__(self, parts):
+        self.parts, self.buf, self.taken = iter(parts), bytearray(), []
+
+    def read(self, n):
+        while len(self.buf) < n:
+            part = next(self.parts, None)
+            if part is None:
+                break
+            self.buf += part
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        self.taken.append(out)
+        return out
+
+    def take(self):
+        out, self.taken = b"".join(self.taken), []
+        return out
 
 
 class _BytesSource:

@@ -12,6 +12,7 @@ without a record is unused.
 """
 import contextlib
 import fcntl
+import itertools
 import os
 import shutil
 import struct
@@ -31,6 +32,7 @@ MANIFEST_HEAD, ENTRY, MAC = 120, struct.Struct(">Q32s"), 32
 ZERO = bytes(32)
 SLICE = 1 << 18  # records sorted at once: about 25 MB
 DELETERS = 8  # unused chunks are looked at and removed by a few threads (I/O bound)
+SIZE_BATCH = 1024  # chunks whose sizes one call asks for
 TMP = ".tmp-"
 SCRATCH = "wyng-scan-"  # prefix of the temporary folders
 
@@ -45,7 +47,8 @@ class Scan:
         self.total = [0, 0, 0]  # distinct chunks, stored bytes, chunks opened
         self.unused, self.unused_manifests, self.leftovers, self.removed = [0, 0], 0, 0, [0, 0]
         self.deleters = Workers(DELETERS)
-        self.openers = Workers(IN_FLIGHT // 2)  # OBJECTS: chunks read and opened at once (and as many queued)
+        # OBJECTS: chunks read and opened at once (and as many queued); more for a store with latency
+        self.openers = Workers(max(IN_FLIGHT // 2, archive.writers.count))
 
     def run(self):
         with scratch() as tmp:
@@ -147,6 +150,7 @@ class Scan:
         return present
 
     def _compare(self, refs, present):
+        sizes = self._sizes(refs) if present is None or self.mode & SIZES else itertools.repeat(0)
         i = 0
         while i < len(refs):
             cid, users = refs[i][:32], set()
@@ -156,8 +160,7 @@ class Scan:
                 if self.mode & SIZES:
                     self.group[self.groups[n]][0] += 1
                 i += 1
-            name = chunk_name(cid)
-            size = self.store.size(name) if present is None or self.mode & SIZES else 0
+            name, size = chunk_name(cid), next(sizes)
             stored = cid in present if present is not None else size is not None
             if not stored:
                 for n in users:
@@ -173,6 +176,13 @@ class Scan:
                 for g in {self.groups[n] for n in users}:
                     self.group[g][1] += 1
                     self.group[g][2] += size or 0
+
+    def _sizes(self, refs):
+        """The stored size of each distinct chunk of ``refs``, in order,
+        asked for in batches (a round trip each over a network)."""
+        ids = (r[:32] for i, r in enumerate(refs) if i == 0 or refs[i - 1][:32] != r[:32])
+        for batch in iter(lambda: list(itertools.islice(ids, SIZE_BATCH)), []):
+            yield from self.store.sizes([chunk_name(cid) for cid in batch])
 
     def _open(self, name, users):
         """On a worker thread: open a chunk; count it damaged for its users

@@ -2,9 +2,10 @@
 
 A transport is a process with two pipes (``stdin_fd`` for requests,
 ``stdout_fd`` for replies), ``close()``, ``status()`` and ``exit_note()``.
-``--dest`` picks it: ``file:/path`` runs the agent here (plain Linux,
-tests), ``qubes://VM/path`` runs it in the backup VM.  ``mount`` runs the
-VM package's other service, wyng.Browse, here the same way.
+``--dest`` picks it: ``file:``, ``ssh://`` and ``s3://`` run the agent here
+(plain Linux, tests), ``qubes://VM/…``, ``qubes-ssh://VM:…`` and
+``qubes-s3://VM:…`` run it in the backup qube VM.  ``mount`` runs the VM
+package's other service, wyng.Browse, here the same way.
 """
 import contextlib
 import os
@@ -12,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from urllib.parse import urlsplit
 
 from .errors import Fail
 from .settings import qube_name
@@ -55,7 +55,7 @@ class ProcessTransport:
 
 def local_command(service="wyng.Agent"):
     """The executable of a VM-side service run here: the agent for
-    ``file:`` destinations, wyng.Browse for ``mount``."""
+    destinations without a qube, wyng.Browse for ``mount``."""
     short = service.split(".")[1]
     override = os.environ.get("QVM_WYNG_" + short.upper())
     if override:
@@ -81,36 +81,41 @@ def local(service, name):
     return ProcessTransport(proc, name)
 
 
+# --dest forms; the qubes ones run the agent in the qube and give it the URL of the plain form
+FORMS = {"file": "file:/absolute/path", "ssh": "ssh://[user@]host[:port]/path", "s3": "s3://[profile@]bucket/prefix",
+         "qubes": "qubes://VM/absolute/path", "qubes-ssh": "qubes-ssh://VM:user@host[:port]/path",
+         "qubes-s3": "qubes-s3://VM:[profile@]bucket/prefix"}
+
+
 def parse_dest(dest):
-    """(kind, vm, path) from a --dest URL; kind is 'file' or 'qubes'."""
+    """(backup qube or None, the storage URL the agent opens) from --dest.
+    dom0 checks only the form; the agent parses the rest (doc/storage.md)."""
     if not dest:
         raise Fail("--dest is required")
-    url = urlsplit(dest)
-    if url.scheme == "file":
-        path = url.path if not url.netloc else None
-        if not path or not path.startswith("/"):
-            raise Fail("--dest=file: needs an absolute path, like file:/srv/backups/laptop.wyng")
-        return "file", None, os.path.normpath(path)
-    if url.scheme == "qubes":
-        if not url.netloc or not url.path.startswith("/"):
-            raise Fail("--dest=qubes: takes the form qubes://VM/absolute/path")
-        return "qubes", qube_name(url.netloc), os.path.normpath(url.path)
-    if url.scheme == "qubes-ssh":
-        vm, _, remote = url.netloc.partition(":")
-        user, _, host = remote.rpartition("@")
-        if not (vm and user and host) or not url.path.startswith("/"):
-            raise Fail("--dest=qubes-ssh: takes the form qubes-ssh://VM:user@host[:port]/path")
-        raise Fail("--dest=qubes-ssh: ssh storage through qube %s is not supported yet; "
-                   "qubes://VM/path stores in the qube itself" % qube_name(vm))
-    if url.scheme in ("ssh", "s3"):
-        raise Fail("--dest=%s: is not supported yet" % url.scheme)
-    raise Fail("--dest: unknown destination type %r (use file:/path or qubes://VM/path)" % dest.split(":")[0])
+    given, _, rest = dest.partition(":")
+    if given not in FORMS:
+        raise Fail("--dest: unknown destination type %r (use %s)" % (given[:20], ", ".join(FORMS.values())))
+    kind, vm = given, None
+    if given.startswith("qubes"):
+        vm, sep, inner = rest[2:].partition("/" if given == "qubes" else ":")
+        if not rest.startswith("//") or not sep:
+            vm = ""
+        kind, rest = ("file", "/" + inner) if given == "qubes" else (given[6:], "//" + inner)
+    netloc, slash, path = rest[2:].partition("/")
+    if kind == "file":
+        path = rest[2:] if rest.startswith("//") else rest
+        good, rest = path.startswith("/"), os.path.normpath(path)
+    else:
+        good = rest.startswith("//") and netloc and (kind == "s3" or slash and path and ("@" in netloc or vm is None))
+    if not good or vm == "":
+        raise Fail("--dest=%s: takes the form %s" % (given, FORMS[given]))
+    return (None if vm is None else qube_name(vm)), "%s:%s" % (kind, rest)
 
 
 def start(dest, app=None):
-    """Start the agent for ``dest``; returns (transport, archive path)."""
-    kind, vm, path = parse_dest(dest)
-    if kind == "file":
-        return local("wyng.Agent", "agent"), path
+    """Start the agent for ``dest``; returns (transport, storage URL)."""
+    vm, url = parse_dest(dest)
+    if vm is None:
+        return local("wyng.Agent", "agent"), url
     from . import qubes
-    return ProcessTransport(qubes.run_agent(app, vm)), path
+    return ProcessTransport(qubes.run_agent(app, vm)), url

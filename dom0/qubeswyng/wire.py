@@ -14,13 +14,16 @@ import struct
 
 from .errors import Fail
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">BI")
 HELLO, GET_HEADER, INIT, OPEN, LOCK, UNLOCK, GET_ROOT, PUT_CHUNK, \
     PUT_MANIFEST, PUT_ROOT, GET_MANIFEST, GET_CHUNKS, BYE, GET_STATS, \
     SCAN, MARK_GARBAGE, GET_FREE = range(1, 18)
+HAVE, GET_OBJECTS, PUT_OBJECT = range(19, 22)
 OK, ERR, DATA, END, NONE = range(0x80, 0x85)
 STATS = struct.Struct(">QQQQ")
+OPEN_ARGS = struct.Struct(">BBbI")  # then K_enc[32]
+SCAN_ITEM = struct.Struct(">16sI")  # manifest name, group
 SCAN_RECORD = struct.Struct(">BIQQQ")  # kind, index, three counts
 LOCK_GARBAGE, LOCK_FORCED, LOCK_STALE = 1, 2, 4  # flags of LOCK's reply
 MAX_ERROR = 1000
