@@ -33,11 +33,11 @@ SCAN_OBJECTS, SCAN_WHOLE, SCAN_CLEAN, SCAN_SIZES = 1, 2, 4, 8
 
 
 class Archive:
-    def __init__(self, opts, app=None):
-        self.opts = opts
-        self.transport, path = start(opts.dest, app)
+    def __init__(self, opts, app=None, dest=None):
+        self.opts, self.dest = opts, dest or opts.dest
+        self.transport, url = start(self.dest, app)
         self.link = wire.Link(self.transport)
-        self.link.send(wire.HELLO, struct.pack(">H", wire.PROTOCOL_VERSION), path.encode())
+        self.link.send(wire.HELLO, struct.pack(">H", wire.PROTOCOL_VERSION), url.encode())
         reply = self.link.reply(64)
         if len(reply) < 2 or struct.unpack(">H", reply[:2])[0] != wire.PROTOCOL_VERSION:
             raise wire.AgentError("the agent speaks another protocol version")
@@ -55,7 +55,10 @@ class Archive:
 
     def open(self, write=False):
         self.link.send(wire.GET_HEADER)
-        header = Header.parse(self.link.frame((wire.DATA,), 4096)[1])
+        op, self.raw_header = self.link.frame((wire.DATA, wire.NONE), 4096)
+        if op == wire.NONE:
+            raise Fail("no archive at %s" % self.dest)
+        header = Header.parse(self.raw_header)
         opts = self.opts
         master = K.cached_master(header.archive_id, opts.authmin)
         if master is None:
@@ -73,13 +76,13 @@ class Archive:
     def _start(self, header, master, check=False):
         """Derive the keys and hand the agent its storage key (only after
         the header's settings proved authentic)."""
-        self.header, self.keys = header, K.Keys(master, header.archive_id)
+        self.header, self.master, self.keys = header, master, K.Keys(master, header.archive_id)
         if check:
             header.check(self.keys)
         self.chunk_size = header.chunk_size
         self.meta = Meta(self.opts.meta_dir, header.archive_id)
-        self.link.send(wire.OPEN, struct.pack(">BBbI", header.cipher, header.compression,
-                                              header.level, header.chunk_size), self.keys.enc)
+        self.link.send(wire.OPEN, wire.OPEN_ARGS.pack(header.cipher, header.compression, header.level, header.chunk_size),
+                       self.keys.enc)
         self.link.reply()
 
     def lock(self):
@@ -94,16 +97,24 @@ class Archive:
             notice(self.opts, "warning: --force took over the archive lock held by %s" % wire.printable(reply[1:]))
         return bool(flags & wire.LOCK_GARBAGE)
 
-    def _load_root(self):
+    def _fetch_root(self):
+        """(root, MAC) from the agent, the MAC checked; None if it has none."""
         self.link.send(wire.GET_ROOT)
         op, data = self.link.frame((wire.DATA, wire.END, wire.NONE), wire.PART)
         if op == wire.NONE:
-            raise Fail("the archive has no root: it is damaged, or arch-init was interrupted")
+            return None
         blob = bytearray(data)
         if op == wire.DATA:
             for part in self.link.parts(MAX_ROOT - len(blob)):
                 blob += part
-        self.root, mac = open_root(self.keys, bytes(blob), self.header.archive_id)
+        self.root_blob = bytes(blob)
+        return open_root(self.keys, self.root_blob, self.header.archive_id)
+
+    def _load_root(self):
+        found = self._fetch_root()
+        if found is None:
+            raise Fail("the archive has no root: it is damaged, or arch-init was interrupted")
+        self.root, mac = found
         seen = self.meta.last_seen()
         if seen and not self.opts.force_allow_rollback:
             if self.root["seq"] < seen[0]:
@@ -231,10 +242,58 @@ class Archive:
         self.root["time"] = now()
         blob = seal_root(self.keys, self.root)
         point("dom0:before-root")
-        self.link.send_stream(wire.PUT_ROOT, b"", (blob[i:i + wire.PART] for i in range(0, len(blob), wire.PART)))
-        self._stats_reply()
+        self._put_root(blob)
         self.meta.save_seen(self.root["seq"], blob[-32:])
         point("dom0:after-root")
+
+    def _put_root(self, blob):
+        self.link.send_stream(wire.PUT_ROOT, b"", (blob[i:i + wire.PART] for i in range(0, len(blob), wire.PART)))
+        self._stats_reply()
+
+    # -- arch-copy: this archive is the destination ------------------------------
+    def adopt(self, src):
+        """Make this destination a copy of ``src``'s archive: its header if
+        empty, else it must hold the same archive, with a root no newer than
+        src's.  Locks it; returns whether it had a root (garbage may follow)."""
+        self.link.send(wire.GET_HEADER)
+        op, raw = self.link.frame((wire.DATA, wire.NONE), 4096)
+        if op == wire.NONE:
+            self.link.send(wire.INIT, src.raw_header)
+            self.link.reply()
+        self._start(src.header, src.master)
+        if op == wire.DATA:
+            theirs = Header.parse(raw)
+            if theirs.archive_id != src.header.archive_id:
+                raise Fail("%s holds another archive: arch-copy copies to an empty place or a copy" % self.dest)
+            theirs.check(self.keys)
+        self.lock()
+        found, seq = self._fetch_root(), src.root["seq"]
+        if found and not self.opts.force_allow_rollback and (
+                found[0]["seq"] > seq or found[0]["seq"] == seq and self.root_blob != src.root_blob):
+            raise Fail("%s holds a newer or different root (#%d, the source has #%d): copying would roll it back "
+                       "(--force-allow-rollback copies anyway)" % (self.dest, found[0]["seq"], seq))
+        if found:
+            self.mark_garbage()
+        self.root = src.root
+        return bool(found)
+
+    def copy_objects(self, src, kind, ids, limit):
+        """Copy the objects ``ids`` this archive lacks from ``src``, sealed
+        bytes as they are stored (each at most ``limit`` bytes; dom0 does
+        not look inside: the agent here checks they open)."""
+        self.link.send(wire.HAVE, bytes([kind]), *ids)
+        have = self.link.reply((len(ids) + 7) // 8)
+        missing = [oid for n, oid in enumerate(ids) if n // 8 >= len(have) or not have[n // 8] >> n % 8 & 1]
+        src.link.send(wire.GET_OBJECTS, bytes([kind]), *missing)
+        for oid in missing:
+            self.link.send_stream(wire.PUT_OBJECT, bytes([kind]) + oid, src.link.parts(limit))
+        return len(missing)
+
+    def finish_copy(self, src):
+        """The root last, then read back: it must be src's, byte for byte."""
+        self._put_root(src.root_blob)
+        if self._fetch_root() is None or self.root_blob != src.root_blob:
+            raise Fail("the copy's root reads back different from the one written")
 
     # -- garbage, checks and figures (the agent does the work) ----------------
     def mark_garbage(self):
@@ -256,7 +315,7 @@ class Archive:
         if len(items) > MAX_SCAN:
             raise Fail("the archive has more than %d sessions: prune some first" % MAX_SCAN)
         self.link.send(wire.SCAN, struct.pack(">BI", mode, len(items)), b"".join(
-            bytes.fromhex(v["sessions"][i]["manifest"]) + struct.pack(">I", g) for (v, i), g in zip(items, groups)))
+            wire.SCAN_ITEM.pack(bytes.fromhex(v["sessions"][i]["manifest"]), g) for (v, i), g in zip(items, groups)))
         records, limit = [], 3 * len(items) + max(groups, default=0) + 16
         while True:
             op, data = self.link.frame((wire.DATA, wire.END), wire.SCAN_RECORD.size)

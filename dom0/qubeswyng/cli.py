@@ -10,8 +10,8 @@ import sys
 import traceback
 
 from . import __version__, config
-from .commands import (add, arch_check, arch_deduplicate, arch_init, backup, browse, delete, diff,
-                       list as list_cmd, monitor, prune, receive, rename, restore, send)
+from .commands import (add, arch_check, arch_copy, arch_deduplicate, arch_init, backup, browse, delete,
+                       diff, list as list_cmd, monitor, prune, receive, rename, restore, send)
 from .errors import EXIT_ERROR, Fail
 from .formats import CIPHERS
 
@@ -68,6 +68,8 @@ COMMANDS = {
     "arch-check": (arch_check.run, "[VOLUME ...]",
                    "check every manifest, chunk and MAC; report problems by volume and session",
                    ["dest", "session", "session-strict", "clean", "passcmd", "authmin"]),
+    "arch-copy": (arch_copy.run, "", "copy the archive at --dest to --to (only what --to lacks; resumes)",
+                  ["dest", "to", "passcmd", "authmin"]),
     "arch-deduplicate": (arch_deduplicate.run, "", "report logical against stored bytes (dedup is always on)",
                          ["dest", "json", "passcmd", "authmin"]),
     "version": (version, "", "print the version", []),
@@ -75,7 +77,10 @@ COMMANDS = {
 
 # option: (short form or None, argparse keywords)
 OPTIONS = {
-    "dest": (None, dict(metavar="URL", help="archive location: file:/path or qubes://VM/path")),
+    "dest": (None, dict(metavar="URL", help="archive location: file:/path, ssh://[user@]host[:port]/path, "
+                        "s3://bucket/prefix, or in a backup qube qubes://VM/path, qubes-ssh://VM:user@host/path, "
+                        "qubes-s3://VM:bucket/prefix")),
+    "to": (None, dict(metavar="URL", help="arch-copy: copy the archive here (empty, or a copy; forms as --dest)")),
     "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG[,...]",
                            help="the session to use (newest if not given); prune: one, every one tagged, "
                                 "or an inclusive range FIRST,LAST; arch-check: newest, or one and all older")),
