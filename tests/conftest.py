@@ -10,9 +10,13 @@ import hashlib
 import itertools
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -303,3 +307,194 @@ def lvm_guest(tmp_path):
     guest = harness.Guest(tmp_path / "guest")
     yield guest
     guest.close()
+
+
+# -- storage on loopback: sshd, an S3 server, s3fs -------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, proc, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("%s exited with status %d" % (what, proc.returncode))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("%s did not start listening" % what)
+
+
+def children(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+class Sshd:
+    """OpenSSH's sshd on two loopback ports with throw-away host and user
+    keys.  ``port``: root, with a shell.  ``sftp_port``: the SFTP-only
+    account (``nobody``: ``ForceCommand internal-sftp``, chrooted to
+    ``chroot``, which like every folder above it is root's; it writes in
+    ``chroot/data``).  ``ssh_config`` is a client configuration with host
+    aliases ``wyng-test`` and ``wyng-sftp``; the agent uses it through
+    ``WYNG_SSH_COMMAND``."""
+
+    def __init__(self, base):
+        self.base = base
+        self.port, self.sftp_port = free_port(), free_port()
+        # ChrootDirectory refuses a path below a folder others may write
+        # (/tmp); sshd reads authorized keys as the user
+        self.top = Path(tempfile.mkdtemp(prefix="wyng-sshd-", dir="/run"))
+        self.chroot, keys = self.top / "chroot", self.top / "authorized"
+        for folder in (self.top, self.chroot, keys):
+            folder.mkdir(exist_ok=True)
+            folder.chmod(0o755)
+        (self.chroot / "data").mkdir()
+        shutil.chown(self.chroot / "data", "nobody")
+        for name in ("host", "user", "stranger", "other-host"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(base / name)],
+                           check=True)
+        for user in ("root", "nobody"):
+            shutil.copy(base / "user.pub", keys / user)
+            (keys / user).chmod(0o644)
+        (base / "sshd_config").write_text(
+            "ListenAddress 127.0.0.1:%d\nListenAddress 127.0.0.1:%d\nHostKey %s\nPidFile none\n"
+            "AuthorizedKeysFile %s/%%u\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n"
+            "Match LocalPort %d\n  ForceCommand internal-sftp\n  ChrootDirectory %s\n"
+            % (self.port, self.sftp_port, base / "host", keys, self.sftp_port, self.chroot))
+        self.known_hosts = base / "known_hosts"
+        self.known_hosts.write_text("wyng-sshd " + (base / "host.pub").read_text())
+        self.ssh_config = self.config(base / "ssh_config")
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation folder
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd_config")],
+                                     stderr=open(base / "sshd.log", "wb"))
+        wait_for_port(self.port, self.proc, "sshd")
+
+    def config(self, path, key="user", known_hosts=None):
+        """A client configuration using ``key`` and ``known_hosts``."""
+        path.write_text(
+            "Host wyng-test\n  HostName 127.0.0.1\n  Port %d\n  User root\n"
+            "Host wyng-sftp\n  HostName 127.0.0.1\n  Port %d\n  User nobody\n"
+            "Host *\n  IdentityFile %s\n  IdentitiesOnly yes\n  UserKnownHostsFile %s\n"
+            "  GlobalKnownHostsFile /dev/null\n  HostKeyAlias wyng-sshd\n  ConnectTimeout 10\n"
+            % (self.port, self.sftp_port, self.base / key, known_hosts or self.known_hosts))
+        return path
+
+    def command(self, config=None):
+        return "ssh -F %s" % (config or self.ssh_config)
+
+    def drop_connections(self):
+        """Kill every session's sshd process (the listener stays)."""
+        for pid in children(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait()
+        shutil.rmtree(self.top, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    need_root()
+    need(os.path.exists("/usr/sbin/sshd") and which("ssh"), "openssh-server and openssh-client")
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    saved = os.environ.get("WYNG_SSH_COMMAND")
+    os.environ["WYNG_SSH_COMMAND"] = server.command()
+    yield server
+    os.environ.pop("WYNG_SSH_COMMAND")
+    if saved is not None:
+        os.environ["WYNG_SSH_COMMAND"] = saved
+    server.close()
+
+
+class S3Server:
+    """``moto_server`` (S3 over HTTP) on loopback.  boto3 finds it through
+    an AWS configuration file (endpoint, path-style addressing, region)
+    and throw-away credentials in the environment, as an agent would."""
+
+    def __init__(self, base):
+        self.base, self.port = base, free_port()
+        moto = Path(sys.executable).with_name("moto_server")
+        self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=open(base / "moto.log", "wb"))
+        wait_for_port(self.port, self.proc, "moto_server")
+        self.config = self.aws_config(self.port)
+
+    def aws_config(self, port):
+        """An AWS configuration file whose S3 endpoint is ``port`` (moto's, or a proxy's)."""
+        path = self.base / ("aws-config-%d" % port)
+        path.write_text("[default]\nregion = us-east-1\nendpoint_url = http://127.0.0.1:%d\n"
+                        "s3 =\n  addressing_style = path\n" % port)
+        return path
+
+    def env(self, port=None):
+        return {"AWS_CONFIG_FILE": str(self.aws_config(port) if port else self.config),
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+    def client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url="http://127.0.0.1:%d" % self.port, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def bucket(self):
+        """A new, empty bucket."""
+        name = "wyng-%s" % uuid.uuid4().hex[:12]
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def objects(self, bucket):
+        """{key: bytes} of everything in the bucket."""
+        s3 = self.client()
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                for o in page.get("Contents", ())]
+        return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    need(Path(sys.executable).with_name("moto_server").exists(), "moto_server (pip moto[server])")
+    server = S3Server(tmp_path_factory.mktemp("moto"))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value
+    server.close()
+
+
+@pytest.fixture
+def s3fs_mount(tmp_path, s3_server):
+    """A new bucket of the S3 server mounted with s3fs (FUSE); yields
+    (bucket, mount point)."""
+    need_root()
+    need(which("s3fs") and os.path.exists("/dev/fuse"), "s3fs and /dev/fuse")
+    bucket, mnt, secret = s3_server.bucket(), tmp_path / "s3fs", tmp_path / "s3fs-passwd"
+    secret.write_text("testing:testing\n")
+    secret.chmod(0o600)
+    mnt.mkdir()
+    _run(["s3fs", bucket, str(mnt), "-o", "url=http://127.0.0.1:%d" % s3_server.port, "-o", "use_path_request_style",
+          "-o", "passwd_file=%s" % secret, "-o", "stat_cache_expire=1"])
+    try:
+        yield bucket, mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])

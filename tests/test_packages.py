@@ -242,12 +242,13 @@ def test_vm_rpm_requires_and_weak_dependencies(built):
     requires = rpm_deps(built["vm"], "requires")
     assert {"python3", "python3-cryptography", "python3-pycryptodomex", "python3-zstandard"} <= requires
     assert not [r for r in requires if re.search(r"boto|lxml|qubesadmin", r)], requires
-    assert rpm_deps(built["vm"], "recommends") == {"python3-boto3"}
+    assert rpm_deps(built["vm"], "recommends") == {"python3-boto3", "openssh-clients"}
+    assert rpm_deps(built["vm"], "suggests") == {"s3fs-fuse"}
 
 
 def test_deb_depends_and_recommends(built):
     fields = {}
-    for field in ("Package", "Version", "Architecture", "Depends", "Recommends"):
+    for field in ("Package", "Version", "Architecture", "Depends", "Recommends", "Suggests"):
         fields[field] = sh(["dpkg-deb", "-f", str(built["deb"]), field]).strip()
     assert fields["Package"] == "qubes-wyng-vm" and fields["Version"] == VERSION + "-1"
     assert fields["Architecture"] == "all"
@@ -256,7 +257,8 @@ def test_deb_depends_and_recommends(built):
     assert "python3-zstandard" in depends and "python3-cryptography" in depends
     assert any(d.startswith("python3") and not re.search(r"pycrypto|zstandard|cryptography", d) for d in depends)
     assert not [d for d in depends if re.search(r"boto", d)]
-    assert [r.strip() for r in fields["Recommends"].split(",")] == ["python3-boto3"]
+    assert [r.strip() for r in fields["Recommends"].split(",")] == ["python3-boto3", "openssh-client"]
+    assert fields["Suggests"] == "s3fs"
     info = sh(["dpkg", "-I", str(built["deb"])])
     assert "conffiles" in info
 

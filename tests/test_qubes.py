@@ -453,12 +453,28 @@ def test_qube_on_a_filesystem_without_reflinks_is_read_in_full(tmp_path, ext4_mo
 
 
 @ONE_RELEASE
-def test_qubes_ssh_is_parsed_and_not_supported_yet(dom0):
-    done = dom0.run("list", "--dest=qubes-ssh://sys-net:me@backup.example:2222/srv/qubes", expect=1)
-    assert done.err.strip() == ("qvm-wyng: error: --dest=qubes-ssh: ssh storage through qube sys-net is not "
-                                "supported yet; qubes://VM/path stores in the qube itself")
+@pytest.mark.parametrize("kind", ["qubes-ssh", "qubes-s3"])
+def test_the_backup_qube_stores_over_ssh_or_in_s3(tmp_path, system, request, kind):
+    """The agent runs in sys-backup and reaches the storage from there."""
+    dom0 = Dom0(tmp_path, system)
+    if kind == "qubes-ssh":
+        request.getfixturevalue("sshd")
+        dom0.dest = "qubes-ssh://sys-backup:root@wyng-test%s/qubes.wyng" % tmp_path
+    else:
+        dom0.dest = "qubes-s3://sys-backup:%s/qubes" % request.getfixturevalue("s3_server").bucket()
+    dom0.run("arch-init")
+    dom0.run("backup", "vault")
+    assert dom0.run("verify", "vault").out.count("verified") == 2
+    assert {vm for vm, _service in system.service_calls} == {"sys-backup"}
+    if kind == "qubes-ssh":
+        assert (tmp_path / "qubes.wyng" / "archive").is_file()
+
+
+@ONE_RELEASE
+def test_malformed_qube_destinations(dom0):
     for bad in ("qubes-ssh://sys-net/srv", "qubes-ssh://sys-net:host/srv", "qubes-ssh://sys-net:me@host"):
         assert "qubes-ssh://VM:user@host[:port]/path" in dom0.run("list", "--dest=" + bad, expect=1).err
+    assert "qubes-s3://VM:[profile@]bucket/prefix" in dom0.run("list", "--dest=qubes-s3://sys-net", expect=1).err
     assert "not a valid qube name" in dom0.run("list", "--dest=qubes://-x/srv", expect=1).err
     assert "no qube named nosuchvm" in dom0.run("list", "--dest=qubes://nosuchvm/srv", expect=1).err
     assert "dom0 is not a backup qube" in dom0.run("list", "--dest=qubes://dom0/srv", expect=1).err
