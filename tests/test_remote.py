@@ -240,7 +240,7 @@ def test_20ms_of_latency_keeps_half_the_throughput(request, tmp_path, kind):
     """Send and receive through a proxy adding 10 ms each way keep at least
     half their rate through the same proxy without delay."""
     server = request.getfixturevalue("sshd" if kind == "ssh" else "s3_server")
-    size = 48 if kind == "ssh" else 16  # MiB; moto_server is slow
+    size = 128 if kind == "ssh" else 16  # MiB; moto_server is slow
     image = make(tmp_path / "image", size * MiB, [(0, size * MiB, "random")], seed=11)
     rates = {}
     for attempt in range(2):  # a second measure of both, if the machine was busy
