@@ -71,16 +71,17 @@ def qubes_in(root):
 def resolve(archive, names):
     """Archive volumes (records) for command-line names: a volume's own name,
     or a qube name, which stands for all of that qube's volumes (settings too).
-    A volume of that exact name wins; ``qubes/Q/V`` is always unambiguous."""
+    A volume of that exact name wins; ``qubes/Q/V`` is always unambiguous.
+    Each volume comes once, however often it is named."""
     if not names:
         raise Fail("name volumes or qubes")
-    qubes, out = qubes_in(archive.root), []
+    qubes, out = qubes_in(archive.root), {}
     for name in names:
         vol = archive.volume(name)
         if vol is None and name not in qubes:
             raise Fail("%r is not in the archive (as a volume or a qube)" % name)
-        out += [vol] if vol else [v for _n, v in sorted(qubes[name].items())]
-    return out
+        out.update((v["id"], v) for v in ([vol] if vol else [v for _n, v in sorted(qubes[name].items())]))
+    return list(out.values())
 
 
 def encode(record):

@@ -74,8 +74,8 @@ def by_age(mode, apdays, vol, when):
 
 
 def plan(opts, vols, by_spec=True):
-    """[(volume, indexes to remove)]: the selection (--session unless not
-    ``by_spec``, --autoprune) minus --keep and the newest session."""
+    """[(volume, names of the sessions to remove)]: the selection (--session
+    unless not ``by_spec``, --autoprune) minus --keep and the newest session."""
     out = []
     for vol in vols:
         chosen = by_session(opts, vol) if opts.session and by_spec else set()
@@ -85,14 +85,15 @@ def plan(opts, vols, by_spec=True):
             chosen -= {i for i, s in enumerate(vol["sessions"]) if matches(s, spec)}
         chosen.discard(len(vol["sessions"]) - 1)
         if chosen:
-            out.append((vol, sorted(chosen)))
+            out.append((vol, [vol["sessions"][i]["name"] for i in sorted(chosen)]))
     return out
 
 
 # -- removing them -------------------------------------------------------------
 
 def remove(archive, removals):
-    """Fold, commit, collect.  Returns (objects, bytes) the collector removed."""
+    """Fold, commit, collect.  Returns (objects, bytes) the collector removed.
+    Sessions go by name, never by a position that an earlier fold changed."""
     if not removals:
         return 0, 0
     archive.mark_garbage()
@@ -106,7 +107,7 @@ def remove(archive, removals):
 def _fold(archive, vol, gone):
     sessions, kept, run = vol["sessions"], [], []
     for i, ses in enumerate(sessions):
-        if i in gone:
+        if ses["name"] in gone and i < len(sessions) - 1:
             run.append(i)
             continue
         if run:
@@ -146,10 +147,9 @@ def run(opts, app):
     parse_apdays(opts.apdays)
     with Archive(opts, app).open(write=True) as archive:
         removals = plan(opts, chosen_volumes(opts, archive))
-        names = [(vol["name"], [vol["sessions"][i]["name"] for i in gone]) for vol, gone in removals]
         objects, freed = remove(archive, removals)
-    for name, gone in names:
-        say(opts, "%s: removed %d session%s: %s" % (name, len(gone), "s"[:len(gone) != 1], " ".join(gone)))
+    for vol, gone in removals:
+        say(opts, "%s: removed %d session%s: %s" % (vol["name"], len(gone), "s"[:len(gone) != 1], " ".join(gone)))
     say(opts, "pruned %d sessions; %d objects (%s) reclaimed" % (
-        sum(len(g) for _n, g in names), objects, size(freed)) if names else "no sessions to prune")
+        sum(len(g) for _v, g in removals), objects, size(freed)) if removals else "no sessions to prune")
     return 0
