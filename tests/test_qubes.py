@@ -121,6 +121,25 @@ def test_restore_over_an_existing_qube_needs_force_and_a_halted_qube(dom0, syste
     assert "exclude each other" in dom0.run("restore", "work", "--settings-only", "--data-only", expect=1).err
 
 
+def test_restore_from_an_archive_the_storage_swapped_for_another_is_refused(dom0, system, tmp_path):
+    work = system.domains["work"]
+    work.firewall.save_rules([Rule("action=drop")])
+    dom0.run("backup", "work")  # the older archive: everything dropped
+    other = Dom0(tmp_path, system)
+    other.archive = dom0.archive.parent / "other.wyng"
+    other.dest = "qubes://sys-backup%s" % other.archive
+    other.init()
+    work.firewall.save_rules([Rule("action=accept dsthost=10.0.0.0/8"), Rule("action=drop")])
+    other.run("backup", "work")
+    saved = state(work)
+    shutil.rmtree(other.archive)
+    shutil.copytree(dom0.archive, other.archive)  # same passphrase, other archive
+    system.changes.clear()
+    assert "another archive than the one seen there before" in other.run("restore", "work", "--force",
+                                                                          expect=1).err
+    assert system.changes == [] and state(work) == saved
+
+
 def test_settings_only_creates_the_qube_without_its_data(dom0, system):
     dom0.run("backup", "vault")
     saved = state(system.domains["vault"])

@@ -2,9 +2,11 @@
 each fails without its fix.  Storage is the archive folder, changed by the
 test; agents are the real one over pipes, or a small hostile script."""
 import os
+import shutil
 
 import pytest
 
+from conftest import PASS, Wyng
 from images import KiB, make
 
 CHUNK = 64 * KiB  # --chunk-factor=1
@@ -38,3 +40,56 @@ def test_prune_of_a_volume_named_twice_removes_one_session(wyng, tmp_path, names
     wyng.receive(name, tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == images[2].read_bytes()
     wyng.run("verify", name, "--session=%s" % first)
+
+
+# -- 2. storage that swaps one archive for another ----------------------------
+
+def _two_archives(tmp_path, second_passphrase):
+    """Archives a (passphrase PASS) and b, sharing dom0's metadata, each
+    with a volume 'x' of its own data; both keys are in the auth cache."""
+    a = Wyng(tmp_path)
+    b = Wyng(tmp_path)
+    b.archive = tmp_path / "archive-b"
+    b.dest = "file:%s" % b.archive
+    b.passphrase = second_passphrase
+    for n, w in enumerate((a, b)):
+        w.init("--chunk-factor=1")
+        w.send("x", _image(tmp_path / ("img%d" % n), 10 + n))
+    return a, b
+
+
+def _swap(a, b):
+    """The storage puts a copy of archive a where b was."""
+    shutil.rmtree(b.archive)
+    shutil.copytree(a.archive, b.archive)
+
+
+def test_archive_swapped_for_another_with_the_same_passphrase_is_refused(tmp_path):
+    a, b = _two_archives(tmp_path, PASS)
+    _swap(a, b)
+    out = tmp_path / "out"
+    _one_line_error(b.receive("x", out, expect=None), "another archive", "--force-other-archive")
+    assert not out.exists()
+    _one_line_error(b.run("send", "--import-other-from=y:|:%s" % (tmp_path / "img1"), expect=None),
+                    "another archive")
+    # the user says so: then it is that archive, and it is remembered
+    b.receive("x", out, "--force-other-archive")
+    assert out.read_bytes() == (tmp_path / "img0").read_bytes()
+    b.run("list")
+
+
+def test_cached_key_opens_no_archive_but_the_one_its_destination_holds(tmp_path):
+    a, b = _two_archives(tmp_path, "another passphrase")
+    a.run("--authmin=5", "list")  # a's key is cached
+    _swap(a, b)
+    _one_line_error(b.run("--authmin=5", "list", expect=None), "another archive")
+    # accepting the other archive asks for its passphrase: b's is wrong
+    _one_line_error(b.run("--authmin=5", "list", "--force-other-archive", expect=None), "wrong passphrase")
+    # a destination never seen before gets no cached key either
+    c = Wyng(tmp_path)
+    c.dest = "file:%s" % (tmp_path / "archive-b")
+    c.meta = tmp_path / "other-meta"
+    c.passphrase = "another passphrase"
+    _one_line_error(c.run("--authmin=5", "list", expect=None), "wrong passphrase")
+    c.passphrase = PASS
+    assert "x" in c.run("--authmin=5", "list").stdout

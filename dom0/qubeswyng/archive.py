@@ -7,6 +7,7 @@ from the agent is used before its MAC or chunk id matched.
 """
 import collections
 import contextlib
+import hashlib
 import itertools
 import os
 import struct
@@ -18,9 +19,9 @@ from .clock import now, point
 from .errors import Fail
 from .formats import MAX_ROOT, Header, new_root, open_root, seal_root
 from .manifest import ChunkMap, Head
-from .meta import Meta
+from .meta import Meta, write_atomic
 from .progress import notice
-from .transport import start
+from .transport import parse_dest, start
 
 LOCK_TTL = 120
 MAX_SCAN = 200000  # manifests in one SCAN request (4 MiB frames)
@@ -36,6 +37,9 @@ class Archive:
     def __init__(self, opts, app=None, dest=None):
         self.opts, self.dest = opts, dest or opts.dest
         self.transport, url = start(self.dest, app)
+        # which archive dom0 found at this destination (qube, storage URL) is remembered here
+        self.binding = os.path.join(opts.meta_dir, "destinations",
+                                    hashlib.sha256(repr(parse_dest(self.dest)).encode()).hexdigest())
         self.link = wire.Link(self.transport)
         self.link.send(wire.HELLO, struct.pack(">H", wire.PROTOCOL_VERSION), url.encode())
         reply = self.link.reply(64)
@@ -49,6 +53,7 @@ class Archive:
         self.link.reply()
         point("dom0:init-header")
         self._start(header, master)
+        write_atomic(self.binding, header.archive_id.hex().encode())
         self.lock()
         self.root = new_root(header.archive_id)
         self.commit()
@@ -60,10 +65,13 @@ class Archive:
             raise Fail("no archive at %s" % self.dest)
         header = Header.parse(self.raw_header)
         opts = self.opts
+        bound = self._bound(header.archive_id)
         master = K.cached_master(header.archive_id, opts.authmin)
-        if master is None:
+        if master is None or not bound:  # the cache serves only the archive --dest is known to hold
             master = header.unlock(K.read_passphrase(opts))
         self._start(header, master, check=True)
+        if not bound:
+            write_atomic(self.binding, header.archive_id.hex().encode())
         garbage = write and self.lock()
         self._load_root()
         if garbage:
@@ -72,6 +80,20 @@ class Archive:
         with contextlib.suppress(OSError):  # no tmpfs to remember it in: ask again next time
             K.store_master(header.archive_id, master, opts.authmin)
         return self
+
+    def _bound(self, archive_id):
+        """Whether --dest held this archive before (False: first contact).
+        Another archive there is refused: storage that swaps one archive
+        for another must not get its data restored or its key used."""
+        try:
+            with open(self.binding) as f:
+                seen = f.read(64)
+        except FileNotFoundError:
+            return False
+        if seen != archive_id.hex() and not self.opts.force_other_archive:
+            raise Fail("%s holds another archive than the one seen there before (was it swapped?); "
+                       "--force-other-archive accepts it" % self.dest)
+        return seen == archive_id.hex()
 
     def _start(self, header, master, check=False):
         """Derive the keys and hand the agent its storage key (only after
@@ -266,6 +288,7 @@ class Archive:
             if theirs.archive_id != src.header.archive_id:
                 raise Fail("%s holds another archive: arch-copy copies to an empty place or a copy" % self.dest)
             theirs.check(self.keys)
+        write_atomic(self.binding, src.header.archive_id.hex().encode())
         self.lock()
         found, seq = self._fetch_root(), src.root["seq"]
         if found and not self.opts.force_allow_rollback and (

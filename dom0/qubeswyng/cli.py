@@ -135,12 +135,15 @@ OPTIONS = {
                                                    "restore: overwrite existing (halted) qubes")),
     "force-allow-rollback": (None, dict(action="store_true",
                                         help="accept an archive older than the one seen last")),
+    "force-other-archive": (None, dict(action="store_true", help="accept that --dest holds another archive "
+                                                                 "than the one seen there before")),
     "verbose": ("-v", dict(action="count", default=0, help="more detail")),
     "quiet": ("-q", dict(action="store_true", help="only errors")),
     "debug": (None, dict(action="store_true", help="show a traceback on errors")),
     "config": (None, dict(metavar="PATH", help="read option defaults from PATH instead of %s" % config.DEFAULT_PATH)),
 }
-COMMON = ["unattended", "meta-dir", "force", "force-allow-rollback", "verbose", "quiet", "debug", "config"]
+COMMON = ["unattended", "meta-dir", "force", "force-allow-rollback", "force-other-archive", "verbose", "quiet",
+          "debug", "config"]
 
 
 class Parser(argparse.ArgumentParser):

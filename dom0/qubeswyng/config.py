@@ -24,7 +24,7 @@
   file is fine.  ``QVM_WYNG_CONFIG`` names another default file (tests use
   it so they never read the real one).
 - Options that only make sense for one run are refused in the file:
-  ``config``, ``force`` and ``force-allow-rollback`` (Wyng ignores such
+  ``config`` and the ``force`` options (Wyng ignores such
   keys; an error is clearer than a silently ignored line).
 """
 import argparse
@@ -37,7 +37,7 @@ from .errors import Fail
 DEFAULT_PATH = "/etc/wyng/wyng.ini"
 ENV = "QVM_WYNG_CONFIG"
 SECTION = "var-global-default"
-COMMAND_LINE_ONLY = ("config", "force", "force-allow-rollback")
+COMMAND_LINE_ONLY = ("config", "force", "force-allow-rollback", "force-other-archive")
 
 
 def path_to_read(explicit):

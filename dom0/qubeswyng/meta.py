@@ -8,6 +8,8 @@ Per archive id:
   the manifest chain when nothing else wrote to the archive in between.
 - ``snapshots/<volume id>.json`` (and ``.lock``): which local snapshot
   stands for which session, and changes since (sources/snapshots.py).
+And per destination, ``destinations/<sha256 of the canonical --dest>``:
+the id of the archive found there (archive.py: another one is refused).
 Everything here is written atomically; losing it costs speed, never safety
 (except root-seen, which is what rollback detection remembers).
 """
