@@ -1,9 +1,20 @@
 """``file:/path``: a directory on a local or FUSE-mounted filesystem
-(an s3fs mount included: doc/storage.md says what that gives)."""
+(an s3fs mount included: doc/storage.md says what that gives).
+
+The storage may be hostile: it can put a symbolic link where a folder or
+an object of the archive belongs, to make the agent read, write or delete
+files elsewhere in the backup VM (or in another archive).  So the root is
+opened once, as dom0 named it, and every name below it is reached one
+component at a time from that descriptor, never following a link
+(``O_NOFOLLOW`` and ``*at`` calls): a link in the archive is never
+followed, and deleting one removes the link only.
+"""
+import contextlib
 import ctypes
 import errno
 import os
 import secrets
+import stat
 
 from ..hooks import point
 from . import Store, StoreError
@@ -13,6 +24,9 @@ TMP_SUFFIX = ".tmp-"
 SYNC_FILE_RANGE_WRITE = 2
 # link() refused by the filesystem (FUSE mounts such as s3fs)
 NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
+FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE = os.O_NOFOLLOW | os.O_CLOEXEC
+NOT_A_FOLDER = (errno.ELOOP, errno.ENOTDIR)
 
 
 def open_url(url):
@@ -43,68 +57,103 @@ class LocalStore(Store):
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.location = "file:" + self.root
-        self._made_dirs = set()
+        self._root_fd = None
         # an exclusive create on a FUSE mount (s3fs) holds only within that mount
         self.conditional_create = not _filesystem(self.root).startswith("fuse")
-
-    def path(self, name):
-        return os.path.join(self.root, name)
 
     def make_root(self):
         os.makedirs(self.root, mode=0o700, exist_ok=True)
 
-    def write(self, name, parts, durable=False):
-        final = self.path(name)
-        folder = os.path.dirname(final)
-        if folder not in self._made_dirs:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            self._made_dirs.add(folder)
-        temp = final + TMP_SUFFIX + secrets.token_hex(4)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def root_fd(self):
+        if self._root_fd is None:
+            self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._root_fd
+
+    @contextlib.contextmanager
+    def _folder(self, path, create=False):
+        """A descriptor of the folder ``path`` ("" for the root), reached
+        without following links; with ``create``, missing folders are made."""
+        parts = path.split("/") if path else []
+        if any(p in ("", ".", "..") for p in parts):
+            raise OSError(errno.EINVAL, "not a name inside the archive", path)
+        fd = os.dup(self.root_fd())
         try:
-            for part in ([parts] if isinstance(parts, (bytes, bytearray, memoryview)) else parts):
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view):]
-            if durable:
-                os.fsync(fd)
-            else:
-                # start writeback now, so the commit's sync finds little left
-                _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
-        except BaseException:
+            for part in parts:
+                try:
+                    inner = os.open(part, FOLDER, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o700, dir_fd=fd)
+                    inner = os.open(part, FOLDER, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+        except OSError as e:
             os.close(fd)
-            os.unlink(temp)
+            if e.errno in NOT_A_FOLDER:
+                raise OSError(e.errno, "a link or a file stands where a folder of the archive belongs",
+                              path) from None
             raise
-        os.close(fd)
-        point("agent:before-rename-" + name.split("/")[0])
-        os.rename(temp, final)
-        if durable:
-            self._fsync_dir(folder)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _at(self, name, create=False):
+        folder, _, base = name.rpartition("/")
+        return self._folder(folder, create), base
+
+    def write(self, name, parts, durable=False):
+        folder, base = self._at(name, create=True)
+        with folder as dfd:
+            temp = base + TMP_SUFFIX + secrets.token_hex(4)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | FILE, 0o600, dir_fd=dfd)
+            try:
+                for part in ([parts] if isinstance(parts, (bytes, bytearray, memoryview)) else parts):
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view):]
+                if durable:
+                    os.fsync(fd)
+                else:
+                    # start writeback now, so the commit's sync finds little left
+                    _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
+            except BaseException:
+                os.close(fd)
+                os.unlink(temp, dir_fd=dfd)
+                raise
+            os.close(fd)
+            point("agent:before-rename-" + name.split("/")[0])
+            os.rename(temp, base, src_dir_fd=dfd, dst_dir_fd=dfd)  # replaces a link, never its target
+            if durable:
+                os.fsync(dfd)
 
     def create_exclusive(self, name, data):
         """Written aside, then linked into place (link() fails if the name
         exists): a reader never sees the object empty (the lock relies on
         it).  Where the filesystem has no links, an exclusive create."""
-        final = self.path(name)
-        temp = final + TMP_SUFFIX + secrets.token_hex(4)
-        self._write_new(temp, data)
-        try:
-            os.link(temp, final)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in NO_LINKS:
-                raise
+        folder, base = self._at(name)
+        with folder as dfd:
+            temp = base + TMP_SUFFIX + secrets.token_hex(4)
+            self._write_new(dfd, temp, data)
             try:
-                self._write_new(final, data)
+                os.link(temp, base, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
             except FileExistsError:
                 return False
-        finally:
-            os.unlink(temp)
+            except OSError as e:
+                if e.errno not in NO_LINKS:
+                    raise
+                try:
+                    self._write_new(dfd, base, data)
+                except FileExistsError:
+                    return False
+            finally:
+                os.unlink(temp, dir_fd=dfd)
         return True
 
-    def _write_new(self, path, data):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def _write_new(self, dfd, base, data):
+        fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | FILE, 0o600, dir_fd=dfd)
         try:
             os.write(fd, data)
             os.fsync(fd)
@@ -112,53 +161,69 @@ class LocalStore(Store):
             os.close(fd)
 
     def read(self, name):
-        with open(self.path(name), "rb") as f:
+        with self.open(name) as f:
             return f.read()
 
     def open(self, name):
-        return open(self.path(name), "rb", buffering=1 << 20)
+        folder, base = self._at(name)
+        with folder as dfd:
+            fd = os.open(base, os.O_RDONLY | os.O_NONBLOCK | FILE, dir_fd=dfd)  # a FIFO must not block
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EISDIR, "not a file", name)
+        return os.fdopen(fd, "rb", buffering=1 << 20)
 
     def size(self, name):
+        """The size of a regular file ``name``; None if there is none (a
+        link or a folder there is not an object)."""
+        folder, base = self._at(name)
         try:
-            return os.stat(self.path(name)).st_size
+            with folder as dfd:
+                st = os.stat(base, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            if e.errno in NOT_A_FOLDER:
+                return None
+            raise
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def list(self, prefix, recursive=True):
+        """Names under the folder ``prefix``, never looking inside a link:
+        a link in the folder is listed as a name, a link as the folder
+        lists nothing."""
         try:
-            entries = os.scandir(self.path(prefix))
-        except (FileNotFoundError, NotADirectoryError):
+            with self._folder(prefix) as dfd:
+                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(dfd)]
+        except FileNotFoundError:
             return
-        with entries:
-            for entry in entries:
-                name = prefix.rstrip("/") + "/" + entry.name if prefix else entry.name
-                if not entry.is_dir(follow_symlinks=False):
-                    yield name
-                elif recursive:
-                    yield from self.list(name)
+        except OSError as e:
+            if e.errno in NOT_A_FOLDER:
+                return
+            raise
+        for base, folder in entries:
+            name = prefix.rstrip("/") + "/" + base if prefix else base
+            if not folder:
+                yield name
+            elif recursive:
+                yield from self.list(name)
 
     def delete(self, name):
-        try:
-            os.unlink(self.path(name))
-        except FileNotFoundError:
-            pass
+        """Remove the object (a link: the link itself); absent is fine."""
+        folder, base = self._at(name)
+        with contextlib.suppress(FileNotFoundError), folder as dfd:
+            os.unlink(base, dir_fd=dfd)
 
     def sync(self):
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if _libc.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-        finally:
-            os.close(fd)
+        if _libc.syncfs(self.root_fd()) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
 
     def free_bytes(self):
-        st = os.statvfs(self.root)
+        st = os.fstatvfs(self.root_fd())
         return st.f_bavail * st.f_frsize
 
-    def _fsync_dir(self, folder):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def close(self):
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
