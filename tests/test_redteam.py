@@ -93,3 +93,63 @@ def test_cached_key_opens_no_archive_but_the_one_its_destination_holds(tmp_path)
     _one_line_error(c.run("--authmin=5", "list", expect=None), "wrong passphrase")
     c.passphrase = PASS
     assert "x" in c.run("--authmin=5", "list").stdout
+
+
+# -- 3. links in the archive lead nowhere -------------------------------------
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_manifests_folder_linked_elsewhere_loses_nothing_there(wyng, tmp_path):
+    wyng.init("--chunk-factor=1")
+    wyng.send("vol", _image(tmp_path / "img", 1))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for n in range(3):  # named like manifests no session uses: garbage, if they were the archive's
+        (victim / os.urandom(16).hex()).write_bytes(b"precious %d" % n)
+    (victim / "notes.txt").write_bytes(b"precious too")
+    before = _files(victim)
+    shutil.move(wyng.archive / "manifests", tmp_path / "moved")
+    (wyng.archive / "manifests").symlink_to(victim)
+    (wyng.archive / "garbage").write_bytes(b"")
+    done = wyng.send("vol", _image(tmp_path / "img2", 2), expect=None)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    wyng.run("arch-check", "--clean", expect=None)
+    assert _files(victim) == before
+    # with the folder back, the archive is as it was
+    (wyng.archive / "manifests").unlink()
+    shutil.move(tmp_path / "moved", wyng.archive / "manifests")
+    wyng.run("verify", "vol")
+
+
+def test_chunk_folder_linked_into_another_archive_loses_nothing_there(tmp_path):
+    a, b = _two_archives(tmp_path, PASS)
+    before = _files(a.archive)
+    theirs = sorted((a.archive / "chunks").iterdir())[0]  # chunks b's sessions do not use
+    mine = b.archive / "chunks" / theirs.name
+    if mine.exists():
+        shutil.move(mine, tmp_path / "moved")
+    mine.symlink_to(theirs)
+    (b.archive / "garbage").write_bytes(b"")
+    assert "Traceback" not in b.run("arch-check", "--clean", expect=None).stderr
+    assert "Traceback" not in b.send("x", tmp_path / "img0", expect=None).stderr
+    assert _files(a.archive) == before
+    a.run("verify", "x")
+
+
+def test_collection_removes_nothing_while_a_manifest_cannot_be_read(wyng, tmp_path):
+    wyng.init("--chunk-factor=1")
+    wyng.send("a", _image(tmp_path / "a", 1))
+    wyng.send("b", _image(tmp_path / "b", 2))
+    manifests = sorted((wyng.archive / "manifests").iterdir())
+    chunk = next(p for p in (wyng.archive / "chunks").rglob("*") if p.is_file())
+    planted = [wyng.archive / "manifests" / os.urandom(16).hex(), wyng.archive / "manifests" / "x.tmp-0badf00d",
+               chunk.parent / (chunk.name[:2] + "f" * 62)]
+    for p in planted:
+        p.write_bytes(b"no session uses this")
+    manifests[0].write_bytes(manifests[0].read_bytes()[:-40])  # damaged
+    (wyng.archive / "garbage").write_bytes(b"")
+    done = wyng.run("arch-check", "--clean", expect=1)
+    assert "cannot read its manifest" in done.stdout
+    assert all(p.exists() for p in planted) and (wyng.archive / "garbage").exists()

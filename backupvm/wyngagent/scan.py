@@ -53,7 +53,7 @@ class Scan:
     def run(self):
         with scratch() as tmp:
             counts = self._distribute(tmp)
-            # a manifest that cannot be read may use any chunk: delete none then
+            # a manifest that cannot be read may use any object: delete nothing then
             self.may_delete = self.mode & CLEAN and self.mode & WHOLE and not self.bad
             for b in range(256):
                 if self.mode & CLEAN:  # a writer that lost the lock deletes nothing more
@@ -215,7 +215,7 @@ class Scan:
 
     def _leftover(self, name):
         self.leftovers += 1
-        if self.mode & CLEAN:
+        if self.may_delete:
             self._remove(name)
 
     def _remove(self, name):
@@ -231,7 +231,7 @@ class Scan:
                 self._leftover(name)
             elif name not in live:
                 self.unused_manifests += 1
-                if self.mode & CLEAN:
+                if self.may_delete:
                     self._remove(name)
         for name in list(self.store.list("", recursive=False)):
             if TMP in name or self.archive.lease.debris(name):

@@ -354,7 +354,7 @@ class Archive:
         records = self.scan(SCAN_WHOLE | SCAN_CLEAN, self.manifests())
         kinds = {r[0] for r in records}
         if BAD_MANIFEST in kinds:
-            notice(self.opts, "warning: a manifest cannot be read, so no chunk was removed: run arch-check")
+            notice(self.opts, "warning: a manifest cannot be read, so nothing was removed: run arch-check")
         elif MISSING in kinds:
             notice(self.opts, "warning: chunks that sessions use are missing: run arch-check")
         removed = [r for r in records if r[0] == REMOVED]
