@@ -153,3 +153,57 @@ def test_collection_removes_nothing_while_a_manifest_cannot_be_read(wyng, tmp_pa
     done = wyng.run("arch-check", "--clean", expect=1)
     assert "cannot read its manifest" in done.stdout
     assert all(p.exists() for p in planted) and (wyng.archive / "garbage").exists()
+
+
+# -- 4. lost chunks are stored again -------------------------------------------
+
+def _chunk_objects(wyng):
+    return sorted(p for p in (wyng.archive / "chunks").rglob("*") if p.is_file())
+
+
+def test_truncated_chunk_is_not_taken_for_a_stored_one(wyng, tmp_path):
+    wyng.init("--chunk-factor=1")
+    image = _image(tmp_path / "img", 1)
+    wyng.send("vol", image)
+    cut, dropped = _chunk_objects(wyng)[:2]
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    dropped.unlink()
+    wyng.send("copy", image)  # the same chunks, in another volume; no check ran in between
+    wyng.run("verify", "vol")
+
+
+@pytest.mark.parametrize("check", [("verify", "vol"), ("arch-check",)])
+def test_chunks_a_check_found_damaged_are_stored_again_by_the_next_send(wyng, tmp_path, check):
+    wyng.init("--chunk-factor=1")
+    image = _image(tmp_path / "img", 1, chunks=8)
+    wyng.send("vol", image)
+    objects = _chunk_objects(wyng)
+    flipped = bytearray(objects[3].read_bytes())
+    flipped[-20] ^= 1  # same size: only reading it shows the damage
+    objects[3].write_bytes(flipped)
+    objects[5].unlink()
+    assert wyng.run(*check, expect=1).returncode == 1
+    wyng.send("vol", image)  # unchanged: nothing to send but what was lost
+    wyng.run("verify", "vol")
+    wyng.run("arch-check")
+
+
+def test_incremental_send_reads_and_stores_again_a_lost_chunk_it_holds(wyng, btrfs_session, tmp_path):
+    from test_cow_send import CS, Local
+    wyng.init()
+    local = Local(wyng, btrfs_session / tmp_path.name).make(8 * CS)
+    local.send()
+    data = local.path.read_bytes()[5 * CS:6 * CS]
+    (wyng.archive / "chunks").joinpath(*_object_of(wyng, data)).unlink()
+    wyng.run("verify", local.name, expect=1)
+    assert (wyng.archive / "damaged").read_bytes() == bytes.fromhex(_object_of(wyng, data)[1])
+    local.write((0, 100))
+    out = local.send()
+    assert out["incremental"] and out["chunks_read"] == 2 and out["chunks_repaired"] == 1, out
+    wyng.run("verify", local.name)
+    shutil.rmtree(local.pool)
+
+
+def _object_of(wyng, data):
+    cid = wyng.keys().chunk_id(data).hex()
+    return cid[:2], cid

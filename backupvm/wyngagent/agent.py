@@ -151,8 +151,10 @@ class Session:
             self.out.error(str(e))
 
     def get_chunks(self, payload):
-        for data in self.archive.get_chunks(_ids(payload, CHUNK_ID)):
+        ids = _ids(payload, CHUNK_ID)
+        for chunk_id, data in zip(ids, self.archive.get_chunks(ids)):
             if isinstance(data, Exception):
+                self.archive.note_damaged([chunk_id])  # now: dom0 may hang up at this ERR
                 self.out.error(str(data))
             else:
                 self.out.send(wire.DATA, data)
@@ -202,6 +204,9 @@ class Session:
         free = self.archive.store.free_bytes()
         self.out.send(wire.OK, struct.pack(">Q", (1 << 64) - 1 if free is None else free))
 
+    def get_damaged(self, _payload):
+        self.out.send(wire.OK, b"".join(sorted(self.archive.damaged())))
+
     def get_stats(self, _payload):
         self.archive.drain()
         self.ok_stats()
@@ -222,6 +227,7 @@ HANDLERS = {
     wire.BYE: Session.bye, wire.GET_STATS: Session.get_stats, wire.SCAN: Session.scan,
     wire.MARK_GARBAGE: Session.mark_garbage, wire.GET_FREE: Session.get_free, wire.HAVE: Session.have,
     wire.GET_OBJECTS: Session.get_objects, wire.PUT_OBJECT: Session.put_object,
+    wire.GET_DAMAGED: Session.get_damaged,
 }
 
 

@@ -6,6 +6,7 @@ Layout (doc/FORMAT.md): ``header`` (opaque to the agent, written by dom0),
 mutation, after everything it refers to is durable.
 """
 import collections
+import contextlib
 import os
 import threading
 import time
@@ -16,7 +17,7 @@ from .lease import LOCK_NAME, Lease
 from .objects import MAGIC, ObjectError
 from .storage.local import TMP_SUFFIX
 
-HEADER_NAME, ROOT_NAME, GARBAGE_NAME = "header", "archive", "garbage"
+HEADER_NAME, ROOT_NAME, GARBAGE_NAME, DAMAGED_NAME = "header", "archive", "garbage", "damaged"
 LOCK_GARBAGE = 1  # a flag of LOCK's reply; lease.py has the others
 MAX_HEADER = 64 << 10
 PART = 1 << 20  # plaintext per segment of manifests and the root
@@ -29,6 +30,7 @@ IN_FLIGHT = 8
 MAX_IN_FLIGHT = 32 << 20  # bytes of chunks a store with latency may have in flight
 BATCH, BATCH_BYTES = 64, 8 << 20  # new chunks whose existence one call checks
 CHUNK, MANIFEST = 0, 1  # object kinds in HAVE, GET_OBJECTS, PUT_OBJECT
+MAX_DAMAGED = 32768  # chunk ids the damaged list keeps (1 MiB)
 
 
 class ArchiveError(Exception):
@@ -60,6 +62,7 @@ class Archive:
         self.checker = ThreadPoolExecutor(1, "exists")
         self.readers = ThreadPoolExecutor(max(IN_FLIGHT, store.connections), "chunk-reader")
         self.window = IN_FLIGHT
+        self._damaged, self.damaged_changed = None, False
 
     # -- creation and header ---------------------------------------------
     def init(self, header):
@@ -132,6 +135,7 @@ class Archive:
         batch, made while the next batch gathers); compression, encryption
         and the writes happen on worker threads (they release the GIL)."""
         self.require_lock()
+        self.damaged()
         with self.writers.mutex:
             self.stats[2] += len(data)
             duplicate = chunk_id in self.writing
@@ -155,7 +159,8 @@ class Archive:
         if checked:
             batch, sizes = checked
             for (name, chunk_id, data), size in zip(batch, sizes.result()):
-                if _plausible(size):
+                # a hit: an object whose size fits the chunk, not found damaged
+                if chunk_id not in self._damaged and self.codec.plausible(size, len(data)):
                     self._count(1, 0)
                     self._written(chunk_id)
                 else:
@@ -166,6 +171,10 @@ class Archive:
             sealed = self.codec.seal(name, data)
             self.store.write(name, sealed)
             self._count(0, len(sealed))
+            with self.writers.mutex:
+                if chunk_id in self._damaged:  # stored again: repaired
+                    self._damaged.discard(chunk_id)
+                    self.damaged_changed = True
         finally:
             self._written(chunk_id)
 
@@ -179,10 +188,44 @@ class Archive:
             self.stats[3] += stored_bytes
 
     def drain(self):
-        """Wait for every chunk write; raise the first failure."""
+        """Wait for every chunk write; raise the first failure.  Chunks
+        stored again leave the damaged list."""
         while self.batch or self.checking:
             self._check_batch()
         self.writers.drain()
+        if self.damaged_changed:
+            self._save_damaged()
+
+    # -- chunks found missing or damaged -------------------------------------
+    def damaged(self):
+        """Ids of the chunks that reads and checks found missing or damaged
+        (the ``damaged`` object), until a send stores them again."""
+        if self._damaged is None:
+            try:
+                with self.store.open(DAMAGED_NAME) as f:
+                    data = f.read(MAX_DAMAGED * 32)
+            except OSError:  # none, or unreadable: start afresh
+                data = b""
+            self._damaged = {data[i:i + 32] for i in range(0, len(data) - 31, 32)}
+        return self._damaged
+
+    def note_damaged(self, ids):
+        """Remember chunks found missing or damaged, so that dom0's next send
+        stores them again.  Readers write this hint without the lock: a lost
+        update only delays a repair, it never loses data."""
+        known = self.damaged()
+        new = list(dict.fromkeys(i for i in ids if i not in known))[:MAX_DAMAGED - len(known)]
+        if new:
+            known.update(new)
+            self._save_damaged()
+
+    def _save_damaged(self):
+        self.damaged_changed = False
+        with contextlib.suppress(OSError):  # read-only storage: the hint is lost, nothing else
+            if self._damaged:
+                self.store.write(DAMAGED_NAME, b"".join(sorted(self._damaged)))
+            else:
+                self.store.delete(DAMAGED_NAME)
 
     def get_chunks(self, ids):
         """The plaintext of each chunk, in order, or in its place the

@@ -90,6 +90,13 @@ class Codec:
             nonce, body = b"", plain
         return SEGMENT.pack((len(nonce) + len(body)) | (LAST if last else 0)) + nonce, body
 
+    def plausible(self, size, length):
+        """Whether a stored object of ``size`` bytes can be a sealed chunk
+        of ``length`` plaintext bytes: one segment, its payload 1 to
+        ``length`` bytes.  An object cut below that, or grown, cannot."""
+        low = len(MAGIC) + 1 + SEGMENT.size + 1 + (NONCE + TAG if self.cipher == CIPHER_XCHACHA else 0)
+        return size is not None and low < size <= low + length
+
     # -- reading ---------------------------------------------------------
     def open(self, name, blob, max_plain):
         """The plaintext of a whole object held in memory."""

@@ -19,7 +19,7 @@ import struct
 import tempfile
 import time
 
-from .archive import GARBAGE_NAME, IN_FLIGHT, ArchiveError, Workers, chunk_name, manifest_name
+from .archive import GARBAGE_NAME, IN_FLIGHT, MAX_DAMAGED, ArchiveError, Workers, chunk_name, manifest_name
 from .hooks import point
 from .objects import ObjectError
 
@@ -46,6 +46,7 @@ class Scan:
         self.group = [[0, 0, 0] for _ in range(g)]  # references, distinct chunks, stored bytes
         self.total = [0, 0, 0]  # distinct chunks, stored bytes, chunks opened
         self.unused, self.unused_manifests, self.leftovers, self.removed = [0, 0], 0, 0, [0, 0]
+        self.lost = []  # ids of chunks missing or damaged (the first MAX_DAMAGED): the damaged list
         self.deleters = Workers(DELETERS)
         # OBJECTS: chunks read and opened at once (and as many queued); more for a store with latency
         self.openers = Workers(max(IN_FLIGHT // 2, archive.writers.count))
@@ -63,6 +64,7 @@ class Scan:
                     point("agent:scan-half")
         self.openers.drain()
         self.deleters.drain()
+        self.archive.note_damaged(self.lost)
         if self.mode & WHOLE:
             self._manifests_and_leftovers()
         if self.may_delete:
@@ -163,13 +165,12 @@ class Scan:
             name, size = chunk_name(cid), next(sizes)
             stored = cid in present if present is not None else size is not None
             if not stored:
-                for n in users:
-                    self.missing[n] += 1
+                self._lost(cid, users, self.missing)
                 continue
             if present is not None:
                 present.discard(cid)
             if self.mode & OBJECTS:
-                self.openers.submit(self._open, name, users)
+                self.openers.submit(self._open, name, cid, users)
             if self.mode & SIZES:
                 self.total[0] += 1
                 self.total[1] += size or 0
@@ -184,7 +185,13 @@ class Scan:
         for batch in iter(lambda: list(itertools.islice(ids, SIZE_BATCH)), []):
             yield from self.store.sizes([chunk_name(cid) for cid in batch])
 
-    def _open(self, name, users):
+    def _lost(self, cid, users, counts):
+        for n in users:
+            counts[n] += 1
+        if len(self.lost) < MAX_DAMAGED:
+            self.lost.append(cid)
+
+    def _open(self, name, cid, users):
         """On a worker thread: open a chunk; count it damaged for its users
         if it fails to."""
         try:
@@ -194,8 +201,8 @@ class Scan:
             sound = False
         with self.openers.mutex:
             self.total[2] += 1
-            for n in () if sound else users:
-                self.damaged[n] += 1
+            if not sound:
+                self._lost(cid, users, self.damaged)
 
     def _unused(self, cid):
         self.deleters.submit(self._drop, chunk_name(cid))

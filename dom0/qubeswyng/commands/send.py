@@ -7,6 +7,7 @@ and, unless it is zeros, sent to the agent (which stores it once, whatever
 volume it is in).  The root is committed once, after every volume's
 manifest is stored; sources rotate their snapshots around that commit.
 """
+import heapq
 import itertools
 import json
 import time
@@ -74,18 +75,21 @@ def parse_tags(specs):
     return tags
 
 
-def send_volume(archive, name, source, session, tags, opts):
+def send_volume(archive, name, source, session, tags, opts, lost):
     vol = archive.volume(name) or archive.add_volume(name)
     cs, keys = archive.chunk_size, archive.keys
     chunk_map = archive.chunk_map(vol, cached=True)
     old_count, old_size = len(chunk_map), (vol["sessions"][-1]["size"] if vol["sessions"] else None)
     reader, wanted = source.begin(archive, vol, chunk_map)
+    if lost and wanted is not None:  # read the chunks the archive lost too, where the volume holds them
+        held = (i for i in range(len(chunk_map)) if chunk_map[i] in lost)
+        wanted = (i for i, _same in itertools.groupby(heapq.merge(wanted, held)))
     count = chunk_count(reader.size, cs)
     chunk_map.resize(count)
     changed = bytearray((count + 7) // 8)
     zero = bytes(cs)
     st = {"volume": name, "incremental": wanted is not None, "chunks_scanned": count, "chunks_read": 0,
-          "chunks_changed": 0, "chunks_sent": 0, "bytes_read": 0, "bytes_sent": 0}
+          "chunks_changed": 0, "chunks_sent": 0, "bytes_read": 0, "bytes_sent": 0, "chunks_repaired": 0}
     progress = Progress(opts, name, reader.size)
     before = archive.agent_stats()
 
@@ -110,6 +114,9 @@ def send_volume(archive, name, source, session, tags, opts):
                 archive.put_chunk(cid, data)
                 st["chunks_sent"] += 1
                 st["bytes_sent"] += len(data)
+        elif cid in lost:  # unchanged, but the archive lost it: stored again
+            archive.put_chunk(cid, data)
+            st["chunks_repaired"] += 1
         progress.update(index * cs)
     progress.close()
     after = archive.agent_stats()
@@ -136,7 +143,8 @@ def run(opts, app, targets=None):
         if opts.autoprune not in (None, "off"):
             autoprune(archive, opts, targets)
         session = session_name(archive, [n for n, _s in targets])
-        sent = [send_volume(archive, name, source, session, tags, opts) for name, source in targets]
+        lost = archive.damaged()
+        sent = [send_volume(archive, name, source, session, tags, opts, lost) for name, source in targets]
         results, new = [st for st, _added in sent], [added for _st, added in sent if added]
         heads = [(src, archive.volume(n)["sessions"][-1]["mac"]) for n, src in targets]
         for src, mac in heads:
@@ -176,6 +184,8 @@ def report(opts, results):
         print(json.dumps({"volumes": results}, indent=1))
         return
     for st in results:
+        if st["chunks_repaired"]:
+            notice(opts, "%s: %d chunks the archive had lost stored again" % (st["volume"], st["chunks_repaired"]))
         if st["session"] is None:
             notice(opts, "%s: unchanged, no session recorded" % st["volume"])
             continue
