@@ -3,10 +3,11 @@ each fails without its fix.  Storage is the archive folder, changed by the
 test; agents are the real one over pipes, or a small hostile script."""
 import os
 import shutil
+import subprocess
 
 import pytest
 
-from conftest import PASS, Wyng
+from conftest import PASS, Wyng, need_root
 from images import KiB, make
 
 CHUNK = 64 * KiB  # --chunk-factor=1
@@ -207,3 +208,26 @@ def test_incremental_send_reads_and_stores_again_a_lost_chunk_it_holds(wyng, btr
 def _object_of(wyng, data):
     cid = wyng.keys().chunk_id(data).hex()
     return cid[:2], cid
+
+
+# -- 5. a failed receive into a block device says what it left ----------------
+
+def test_failed_receive_into_a_device_keeps_what_it_did_not_reach_and_says_so(wyng, tmp_path):
+    need_root()
+    wyng.init("--chunk-factor=1")
+    image = _image(tmp_path / "img", 1, chunks=8)
+    wyng.send("vol", image)
+    new = image.read_bytes()
+    (wyng.archive / "chunks").joinpath(*_object_of(wyng, new[2 * CHUNK:3 * CHUNK])).write_bytes(b"damaged")
+    backing = _image(tmp_path / "disk", 2, chunks=8)
+    old = backing.read_bytes()
+    device = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    try:
+        done = wyng.receive("vol", device, expect=None)
+        with open(device, "rb") as f:
+            now = f.read()
+    finally:
+        subprocess.run(["losetup", "-d", device])
+    _one_line_error(done, "chunk 2", "%s is partly overwritten" % device)
+    assert now[2 * CHUNK:3 * CHUNK] == old[2 * CHUNK:3 * CHUNK]  # never verified, never touched

@@ -5,9 +5,11 @@ every MAC matched); then every chunk is fetched and checked against its
 keyed id before it is written.  A regular file is written to a temporary
 name beside the target and renamed into place only when all of it checked
 out, so a failed restore never leaves a file that looks complete.  A block
-device is discarded first and zero chunks are written only where it does
-not already read as zeros (a thin volume stays thin).  With --local the
-pool gives the target (sources: ``receive_path``).
+device is written in place, only with chunks that checked out (never
+discarded as a whole first): a zero chunk is skipped where the device reads
+as zeros, else discarded (a thin volume stays thin) or written; a failure
+says that the device is partly overwritten.  With --local the pool gives
+the target (sources: ``receive_path``).
 """
 import contextlib
 import fcntl
@@ -47,8 +49,6 @@ class FileTarget:
                 if os.lseek(self.fd, 0, os.SEEK_END) < size:
                     os.close(self.fd)
                     raise Fail("%s: device is smaller than the volume (%d bytes)" % (path, size))
-                with contextlib.suppress(OSError):  # no discard: the zero chunks are written
-                    fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("=QQ", 0, size & ~4095))
             else:
                 folder, base = os.path.split(os.path.abspath(path))
                 self.temp = os.path.join(folder, ".%s.qwyng-%s" % (base, secrets.token_hex(4)))
@@ -58,8 +58,13 @@ class FileTarget:
             raise Fail("%s: %s" % (path, e.strerror)) from None
 
     def write(self, offset, data):
-        if self.device and data == ZEROS[:len(data)] and os.pread(self.fd, len(data), offset) == data:
-            return
+        if self.device and data == ZEROS[:len(data)]:
+            if os.pread(self.fd, len(data), offset) == data:
+                return
+            with contextlib.suppress(OSError):  # no discard of just this chunk: the zeros are written
+                fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("=QQ", offset, len(data)))
+                if os.pread(self.fd, len(data), offset) == data:
+                    return
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
@@ -118,8 +123,10 @@ def run(opts, app):
                 fetched = restore(archive, chunk_map, ses["size"], target.write, opts, vol["name"],
                                   zeros_needed=target.device)
                 target.finish()
-            except BaseException:
+            except BaseException as e:
                 target.abort()
+                if target.device and not abort and isinstance(e, (Fail, OSError)):  # written in place
+                    raise Fail("%s; %s is partly overwritten: receive it again" % (e, path)) from None
                 raise
             if commit:
                 commit()
