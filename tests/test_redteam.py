@@ -3,14 +3,18 @@ each fails without its fix.  Storage is the archive folder, changed by the
 test; agents are the real one over pipes, or a small hostile script."""
 import os
 import shutil
+import socket
 import subprocess
+import time
 
 import pytest
 
-from conftest import PASS, Wyng, need_root
+from conftest import AGENT, PASS, REPO, Wyng, need_root
 from images import KiB, make
+from test_qubes import Dom0, system  # noqa: F401 (a fixture)
 
 CHUNK = 64 * KiB  # --chunk-factor=1
+HOST = socket.gethostname().encode()
 
 
 def _image(path, seed, chunks=4):
@@ -231,3 +235,63 @@ def test_failed_receive_into_a_device_keeps_what_it_did_not_reach_and_says_so(wy
         subprocess.run(["losetup", "-d", device])
     _one_line_error(done, "chunk 2", "%s is partly overwritten" % device)
     assert now[2 * CHUNK:3 * CHUNK] == old[2 * CHUNK:3 * CHUNK]  # never verified, never touched
+
+
+# -- 6. the agent's text never reaches dom0's terminal raw ---------------------
+
+NOISY = REPO / "tests" / "noisy_agent.py"
+
+
+def _noisy(wyng, noise, *args):
+    return wyng.run(*args, expect=None, env={"QVM_WYNG_AGENT": str(NOISY), "REAL_AGENT": str(AGENT),
+                                             "NOISE": noise})
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """One archive with one volume, for checks that change nothing."""
+    tmp_path = tmp_path_factory.mktemp("small")
+    wyng = Wyng(tmp_path)
+    wyng.init("--chunk-factor=1")
+    wyng.send("vol", _image(tmp_path / "img", 1))
+    return wyng
+
+
+def test_agent_stderr_is_not_passed_to_the_terminal(small):
+    done = _noisy(small, "escape", "list")
+    assert done.returncode == 0 and "vol" in done.stdout
+    assert done.stderr == ""
+
+
+def test_failing_agent_ends_in_one_sanitized_line_with_its_last_words(small):
+    done = _noisy(small, "fail", "list")
+    _one_line_error(done, "agent exit status 3", "first line | Error: the last ?[1mline?")
+    assert "\x1b" not in done.stderr and "\x07" not in done.stderr
+
+
+def test_chatty_backup_qube_agent_neither_blocks_nor_reaches_the_terminal(tmp_path, system):
+    dom0 = Dom0(tmp_path, system)
+    system.services["wyng.Agent"] = [str(NOISY)]
+    system.service_env.update(REAL_AGENT=str(AGENT), NOISE="flood")
+    dom0.init()
+    done = dom0.run("backup", "work")
+    assert "chatter" not in done.err + done.out
+    system.service_env["NOISE"] = "fail"
+    done = dom0.run("list", expect=1)
+    assert "agent exit status 3" in done.err and "the last ?[1mline?" in done.err and "\x1b" not in done.err
+
+
+@pytest.mark.parametrize("lock", [b"[1,2]", b'{"expires": 1e300}', b'{"expires": NaN, "owner": "x"}', b'"lock"',
+                                  b"[" * 5000, b'{"expires": 1e300, "owner": "' + b"x" * (1 << 22) + b'"}'])
+def test_planted_lock_is_taken_over_not_a_crash(wyng, tmp_path, lock):
+    wyng.init("--chunk-factor=1")
+    (wyng.archive / "lock").write_bytes(lock)
+    wyng.send("vol", _image(tmp_path / "img", 1))
+    assert not (wyng.archive / "lock").exists()
+
+
+def test_planted_live_lock_with_an_absurd_pid_is_a_clean_refusal(wyng, tmp_path):
+    wyng.init("--chunk-factor=1")
+    (wyng.archive / "lock").write_bytes(b'{"expires": %d, "pid": %d, "host": "%s", "owner": "\\u001b[2J"}' % (
+        time.time() + 100, 10 ** 20, HOST))
+    _one_line_error(wyng.send("vol", _image(tmp_path / "img", 1), expect=None), "archive is locked by ?[2J until")

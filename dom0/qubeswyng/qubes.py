@@ -61,12 +61,12 @@ def state(app, name):
 
 def run_agent(app, name):
     """The wyng.Agent service in backup qube ``name`` (started if needed) as
-    a Popen with stdin and stdout pipes.  dom0's calls need no policy."""
+    a Popen with stdin, stdout and stderr pipes.  dom0's calls need no policy."""
     vm = get(connect(app), name)
     if vm.klass == "AdminVM":
         raise Fail("dom0 is not a backup qube: use --dest=file:/path for an archive in dom0")
     return _call("cannot start wyng.Agent in %s" % name, vm.run_service, "wyng.Agent",
-                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def select(app, names, all_, exclude):

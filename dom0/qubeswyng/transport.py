@@ -1,23 +1,31 @@
 """Where the agent runs: a local process, or the wyng.Agent qrexec service.
 
 A transport is a process with two pipes (``stdin_fd`` for requests,
-``stdout_fd`` for replies), ``close()``, ``status()`` and ``exit_note()``.
-``--dest`` picks it: ``file:``, ``ssh://`` and ``s3://`` run the agent here
-(plain Linux, tests), ``qubes://VM/…``, ``qubes-ssh://VM:…`` and
-``qubes-s3://VM:…`` run it in the backup qube VM.  ``mount`` runs the VM
-package's other service, wyng.Browse, here the same way.
+``stdout_fd`` for replies), ``close()``, ``kill()``, ``status()`` and
+``exit_note()``.  ``--dest`` picks it: ``file:``, ``ssh://`` and ``s3://``
+run the agent here (plain Linux, tests), ``qubes://VM/…``,
+``qubes-ssh://VM:…`` and ``qubes-s3://VM:…`` run it in the backup qube VM.
+``mount`` runs the VM package's other service, wyng.Browse, here the same
+way.  The process's stderr is read by a thread as it comes (a full pipe
+would block it) and never reaches dom0's terminal: its last lines,
+sanitized, end the error when the process fails.
 """
+import collections
 import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 from .errors import Fail
 from .settings import qube_name
+from .wire import printable
 
 SERVICE_DIRS = ("/etc/qubes-rpc", "/usr/lib/qubes-wyng")
+SIGNALS = {s.value: s.name for s in signal.Signals}
+LINE = 300  # bytes kept of each stderr line, and 4 lines at most
 
 
 class ProcessTransport:
@@ -25,6 +33,17 @@ class ProcessTransport:
         self.proc, self.name = proc, name
         self.stdin_fd = proc.stdin.fileno()
         self.stdout_fd = proc.stdout.fileno()
+        self.said = collections.deque(maxlen=4)
+        self.listener = threading.Thread(target=self._listen, daemon=True)
+        self.listener.start()
+
+    def _listen(self):
+        if self.proc.stderr is None:  # not a pipe: nothing to read
+            return
+        with contextlib.suppress(OSError, ValueError):  # closed under us
+            for line in iter(lambda: self.proc.stderr.readline(LINE), b""):
+                if line.strip():
+                    self.said.append(line.strip())
 
     def status(self):
         """The exit status, once the process has ended (waiting a little); None if it goes on."""
@@ -34,13 +53,18 @@ class ProcessTransport:
             return None
 
     def exit_note(self):
-        """How the process ended, once it has."""
+        """How the process ended, once it has, and the last lines it wrote
+        to stderr."""
         code = self.status()
         if code is None:
             return ""
-        if code < 0:
-            return " (%s killed by %s)" % (self.name, signal.Signals(-code).name)
-        return " (%s exit status %d)" % (self.name, code)
+        self.listener.join(1)
+        how = "killed by %s" % SIGNALS.get(-code, "signal %d" % -code) if code < 0 else "exit status %d" % code
+        return " (%s %s%s)" % (self.name, how, ": " + printable(b" | ".join(self.said)) if self.said else "")
+
+    def kill(self):
+        with contextlib.suppress(OSError):
+            self.proc.kill()
 
     def close(self):
         for f in (self.proc.stdin, self.proc.stdout):
@@ -49,8 +73,11 @@ class ProcessTransport:
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.kill()
             self.proc.wait()
+        self.listener.join(1)
+        if self.proc.stderr and not self.listener.is_alive():  # else a child holds it: closing would wait
+            self.proc.stderr.close()
 
 
 def local_command(service="wyng.Agent"):
@@ -75,7 +102,8 @@ def local_command(service="wyng.Agent"):
 def local(service, name):
     """A VM-side service started here, over pipes."""
     try:
-        proc = subprocess.Popen(local_command(service), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        proc = subprocess.Popen(local_command(service), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
     except OSError as e:
         raise Fail("cannot start the %s: %s" % (name, e.strerror)) from None
     return ProcessTransport(proc, name)
