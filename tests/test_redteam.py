@@ -3,6 +3,7 @@ each fails without its fix.  Storage is the archive folder, changed by the
 test; agents are the real one over pipes, or a small hostile script."""
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -295,3 +296,36 @@ def test_planted_live_lock_with_an_absurd_pid_is_a_clean_refusal(wyng, tmp_path)
     (wyng.archive / "lock").write_bytes(b'{"expires": %d, "pid": %d, "host": "%s", "owner": "\\u001b[2J"}' % (
         time.time() + 100, 10 ** 20, HOST))
     _one_line_error(wyng.send("vol", _image(tmp_path / "img", 1), expect=None), "archive is locked by ?[2J until")
+
+
+# -- 7. one line, never a traceback ----------------------------------------------
+
+def test_agent_killed_by_a_real_time_signal(small):
+    _one_line_error(_noisy(small, "rtsig", "list"), "agent killed by signal 36")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["list", "--dest=file:/tmp/" + os.fsdecode(b"\xff\xfe")], ["not valid UTF-8"]),
+    (["add", os.fsdecode(b"vol\xff")], ["not valid UTF-8"]),
+    (["send", "--import-other-from=" + os.fsdecode(b"v\xff:|:/dev/null")], ["not valid UTF-8"]),
+    (["send", "--import-other-from=w:|:/dev/null", "--tag=t," + os.fsdecode(b"\xff")], ["not valid UTF-8"]),
+])
+def test_arguments_that_are_not_utf8(small, args, words):
+    _one_line_error(small.run(*args, expect=None), *words)
+
+
+def test_delete_of_a_volume_named_twice(wyng, tmp_path):
+    wyng.init("--chunk-factor=1")
+    wyng.send("other", _image(tmp_path / "img", 1))
+    wyng.send("vol", _image(tmp_path / "img2", 2))
+    wyng.run("delete", "-u", "other", "other")
+    assert "other" not in wyng.run("list").stdout
+    wyng.run("verify", "vol")
+
+
+def test_interrupted_agent_ends_without_a_traceback():
+    agent = subprocess.Popen([str(AGENT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1)  # waiting for dom0's first request
+    agent.send_signal(signal.SIGINT)  # Ctrl-C reaches a local agent too
+    _out, err = agent.communicate(timeout=30)
+    assert agent.returncode == 130 and err == b"", err

@@ -253,6 +253,8 @@ def main():
         except OSError:
             pass
         return 1
+    except KeyboardInterrupt:  # Ctrl-C reaches a local agent too: dom0 says so, the agent ends quietly
+        return 130
     finally:
         if session.archive:
             session.archive.writers.settle()

@@ -173,6 +173,9 @@ def parser(command=None):
 
 
 def parse(args):
+    for arg in args:  # names and paths are UTF-8 in the archive, the agent's requests and dom0's output
+        if not arg.isascii() and any("\udc80" <= c <= "\udcff" for c in arg):
+            raise Fail("argument %s is not valid UTF-8" % ascii(arg))
     for i, arg in enumerate(args):
         if arg in COMMANDS and ("-h" in args[i:] or "--help" in args[i:]):
             parser(arg).parse_args(["--help"])
