@@ -12,6 +12,12 @@ HELLO's reply) and what to do with it:
   escape    send an error full of terminal escape sequences
   replay    send the previous DATA payload again (a stale chunk)
   shrink    drop the last byte of the payload
+  empties   send empty DATA frames without end instead
+  bigstats  statistics of 2^64 - 1 each
+  bigscan   a scan record with figures of 2^64 - 1
+  errmute   send an error, then nothing more (pipes left open)
+  errstall  send half an error, then nothing more
+  deafmute  stop reading requests (dom0's writes fail), then nothing more
 """
 import os
 import random
@@ -19,6 +25,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 HEADER = struct.Struct(">BI")
 DATA = 0x82
@@ -67,6 +74,20 @@ def main():
                 out.write(random.randbytes(64))
                 out.flush()
                 os._exit(0)
+            if mode == "empties":
+                while True:
+                    out.write(HEADER.pack(DATA, 0) * 4096)
+            if mode in ("errmute", "errstall", "deafmute"):
+                if mode == "deafmute":  # this reply goes through; then requests fail
+                    out.write(head + payload)
+                    out.flush()
+                    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                else:
+                    text = b"the storage failed"
+                    out.write(HEADER.pack(ERR, len(text)) + text[:len(text) // 2 if mode == "errstall" else None])
+                    out.flush()
+                time.sleep(60)  # silent, pipes open: dom0 must not wait for ever
+                os._exit(0)
             if mode == "unknown":
                 op = 0x99
             elif mode == "errflood":
@@ -77,6 +98,10 @@ def main():
                 payload = previous
             elif mode == "shrink" and payload:
                 payload = payload[:-1]
+            elif mode == "bigstats":
+                payload = b"\xff" * len(payload)
+            elif mode == "bigscan":
+                payload = payload[:5] + b"\xff" * (len(payload) - 5)
             head = HEADER.pack(op, len(payload))
         if op == DATA:
             previous = payload

@@ -1,11 +1,14 @@
 """Regression tests for what a hostile-storage review found (issue 16):
 each fails without its fix.  Storage is the archive folder, changed by the
 test; agents are the real one over pipes, or a small hostile script."""
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -329,3 +332,64 @@ def test_interrupted_agent_ends_without_a_traceback():
     agent.send_signal(signal.SIGINT)  # Ctrl-C reaches a local agent too
     _out, err = agent.communicate(timeout=30)
     assert agent.returncode == 130 and err == b"", err
+
+
+# -- 8. bounds on what an agent can make dom0 do ----------------------------------
+
+LIAR = REPO / "tests" / "lying_agent.py"
+
+
+def _lie(wyng, lie, *args):
+    env = dict(os.environ, QVM_WYNG_AGENT=str(LIAR), REAL_AGENT=str(AGENT), LIE=lie)
+    return subprocess.run([sys.executable, "-m", "qubeswyng.cli"] + wyng.args(args), capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def test_empty_data_frames_without_end_are_cut_off(small, tmp_path):
+    # frames of a receive: 1 HELLO, 2 header, 3 OPEN, 4-5 root, 6-7 manifest
+    for lie in ("empties:4", "empties:6"):
+        started = time.monotonic()
+        _one_line_error(_lie(small, lie, "receive", "vol", "--save-to=%s" % (tmp_path / "out")), "too many parts")
+        assert time.monotonic() - started < 20
+
+
+def test_absurd_agent_statistics_are_not_shown(wyng, tmp_path):
+    wyng.init("--chunk-factor=1")
+    wyng.send("vol", _image(tmp_path / "first", 1))
+    # frames of a send: ... 7 GET_DAMAGED, 8 GET_STATS before the volume, 9 after it
+    for lie in ("bigstats:8", "bigstats:9"):
+        done = _lie(wyng, lie, "send", "--import-other-from=vol:|:%s" % _image(tmp_path / "img", 3), "--json")
+        assert done.returncode == 0, done.stderr
+        st = json.loads(done.stdout)["volumes"][0]
+        assert 0 <= st["chunks_deduplicated"] <= st["chunks_sent"], st
+        assert 0 <= st["bytes_stored"] <= st["chunks_sent"] * (CHUNK + 64), st
+
+
+def test_absurd_scan_figures_are_not_shown(small):
+    # frames of arch-deduplicate: 4-5 root, 6 the volume's figures, 7 the archive's
+    for lie in ("bigscan:6", "bigscan:7"):
+        done = _lie(small, lie, "arch-deduplicate", "--json")
+        assert done.returncode == 0, done.stderr
+        for figures in json.loads(done.stdout)["volumes"] + [json.loads(done.stdout)["archive"]]:
+            assert figures["chunks"] <= 4 and figures["stored_bytes"] <= 4 * (CHUNK + 64), figures
+            assert figures["listed_bytes"] <= 4 * CHUNK, figures
+
+
+@pytest.mark.parametrize("lie,args,words", [
+    ("errmute:6", ["verify", "vol"], "agent: the storage failed"),   # then silent at BYE
+    ("errstall:6", ["verify", "vol"], "agent killed by SIGKILL"),  # half an error, then silent
+    ("deafmute:8", ["send", "--import-other-from=new:|:IMAGE"], "agent killed by SIGKILL"),  # then EPIPE
+])
+def test_silent_agent_while_an_error_is_reported_is_not_waited_for(small, tmp_path, capsys, monkeypatch, lie, args,
+                                                                   words):
+    from qubeswyng import wire
+    monkeypatch.setattr(wire, "ERR_WAIT", 1)
+    args = [a.replace("IMAGE", str(_image(tmp_path / "img", 4, chunks=64))) for a in args]
+    env = {"QVM_WYNG_AGENT": str(LIAR), "REAL_AGENT": str(AGENT), "LIE": lie}
+    result = []
+    worker = threading.Thread(target=lambda: result.append(small.main(*args, env=env)), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert result == [1]
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err, err

@@ -393,7 +393,7 @@ class Archive:
         self.close()
 
     def close(self):
-        with contextlib.suppress(Fail):
+        with contextlib.suppress(Fail), self.link.deadline():
             self.link.send(wire.BYE)
             self.link.reply()
         self.link.close()

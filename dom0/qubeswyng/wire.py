@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import struct
+import threading
 
 from .errors import Fail
 
@@ -29,6 +30,7 @@ SCAN_RECORD = struct.Struct(">BIQQQ")  # kind, index, three counts
 LOCK_GARBAGE, LOCK_FORCED, LOCK_STALE = 1, 2, 4  # flags of LOCK's reply
 MAX_ERROR = 1000
 PART = 1 << 20  # manifest and root parts, both directions
+ERR_WAIT = 10  # seconds an agent gets to finish saying why it failed, or to answer BYE
 F_SETPIPE_SZ = 1031
 
 
@@ -70,7 +72,8 @@ class Link:
                 if n:
                     pending[0] = memoryview(pending[0])[n:]
         except BrokenPipeError:
-            self.frame((), 0)  # the agent said why (ERR) before it left, or died
+            with self.deadline():
+                self.frame((), 0)  # the agent said why (ERR) before it left, or died
 
     def send_stream(self, op, prefix, parts):
         """A multi-frame upload: ``prefix | last:u8 | part`` frames, the
@@ -94,7 +97,8 @@ class Link:
         """Read one frame; return (op, payload).  ERR always raises."""
         op, length = HEADER.unpack(self._exact(HEADER.size))
         if op == ERR and length <= MAX_ERROR:
-            raise AgentError("%s: %s" % (self.name, printable(self._exact(length))))
+            with self.deadline():
+                raise AgentError("%s: %s" % (self.name, printable(self._exact(length))))
         if op not in accept:
             raise LinkBroken("%s sent an unexpected frame (op %d)" % (self.name, op))
         if length > max_len:
@@ -105,14 +109,30 @@ class Link:
         return self.frame((OK,), max_len)[1]
 
     def parts(self, max_total):
-        """DATA* END, at most ``max_total`` bytes in all."""
-        total = 0
+        """DATA* END, at most ``max_total`` bytes in all, in at most one
+        frame per 64 KiB of that (the agent's parts are 1 MiB but the last):
+        empty frames without end do not spin dom0."""
+        total, frames = 0, max_total // (64 << 10) + 16
         while True:
             op, data = self.frame((DATA, END), min(PART, max_total - total))
             if op == END:
                 return
-            total += len(data)
+            total, frames = total + len(data), frames - 1
+            if frames < 0:
+                raise LinkBroken("agent sent its reply in too many parts")
             yield data
+
+    @contextlib.contextmanager
+    def deadline(self):
+        """While an error is reported, or at the end: an agent silent for
+        ERR_WAIT seconds is killed, so that the read ends."""
+        timer = threading.Timer(ERR_WAIT, self.transport.kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
 
     def close(self):
         self.rfile.close()

@@ -23,13 +23,19 @@ def run(opts, app):
     total = next((r[2:] for r in records if r[0] == A.TOTAL), (0, 0, 0))
     rows = []
     for g, vol in enumerate(vols):
+        # the agent's figures, only shown, within what they can be: at most the
+        # entries the root counts, a sealed chunk at most 64 bytes over its size
         refs, distinct, stored = figures.get(g, (0, 0, 0))
+        refs = min(refs, sum(s.get("changed", 0) for s in vol["sessions"]))
+        distinct = min(distinct, refs)
+        stored = min(stored, distinct * (cs + 64))
         rows.append({"volume": vol["name"], "sessions": len(vol["sessions"]),
                      "logical_bytes": sum(s["size"] for s in vol["sessions"]),
                      "listed_bytes": refs * cs, "chunks": distinct, "stored_bytes": stored})
     whole = {"logical_bytes": sum(r["logical_bytes"] for r in rows),
              "listed_bytes": sum(r["listed_bytes"] for r in rows),
-             "chunks": total[0], "stored_bytes": total[1]}
+             "chunks": min(total[0], sum(r["chunks"] for r in rows)),
+             "stored_bytes": min(total[1], sum(r["stored_bytes"] for r in rows))}
     if opts.json:
         print(json.dumps({"volumes": rows, "archive": whole}, indent=1))
         return 0

@@ -119,9 +119,10 @@ def send_volume(archive, name, source, session, tags, opts, lost):
             st["chunks_repaired"] += 1
         progress.update(index * cs)
     progress.close()
-    after = archive.agent_stats()
-    st["chunks_deduplicated"] = after[1] - before[1]
-    st["bytes_stored"] = after[3] - before[3]
+    after, sent = archive.agent_stats(), st["chunks_sent"] + st["chunks_repaired"]
+    # the agent's figures, only shown, kept within what they can be (a sealed chunk adds < 64 bytes)
+    st["chunks_deduplicated"] = min(max(0, after[1] - before[1]), sent)
+    st["bytes_stored"] = min(max(0, after[3] - before[3]), sent * (cs + 64))
     if st["chunks_changed"] == 0 and reader.size == old_size and not opts.send_unchanged:
         st["session"] = None
         return st, None
