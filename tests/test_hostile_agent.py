@@ -103,6 +103,9 @@ class PipeTransport:
     def exit_note(self):
         return ""
 
+    def kill(self):
+        pass
+
     def close(self):
         os.close(self.stdout_fd)
         os.close(self.stdin_fd)
