@@ -59,6 +59,9 @@ class Pipes:
     def status(self):
         return 0
 
+    def kill(self):
+        pass
+
     def close(self):
         for fd in (self.stdin_fd, self.stdout_fd):
             os.close(fd)

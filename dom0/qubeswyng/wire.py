@@ -119,7 +119,7 @@ class Link:
                 return
             total, frames = total + len(data), frames - 1
             if frames < 0:
-                raise LinkBroken("agent sent its reply in too many parts")
+                raise LinkBroken("%s sent its reply in too many parts" % self.name)
             yield data
 
     @contextlib.contextmanager
