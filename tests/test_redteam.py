@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -326,9 +327,12 @@ def test_delete_of_a_volume_named_twice(wyng, tmp_path):
     wyng.run("verify", "vol")
 
 
-def test_interrupted_agent_ends_without_a_traceback():
+def test_interrupted_agent_ends_without_a_traceback(tmp_path):
     agent = subprocess.Popen([str(AGENT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1)  # waiting for dom0's first request
+    hello = struct.pack(">H", 1) + str(tmp_path).encode()
+    agent.stdin.write(struct.pack(">BI", 1, len(hello)) + hello)
+    agent.stdin.flush()
+    assert agent.stdout.read(1) == b"\x80"  # OK: it serves, and waits for the next request
     agent.send_signal(signal.SIGINT)  # Ctrl-C reaches a local agent too
     _out, err = agent.communicate(timeout=30)
     assert agent.returncode == 130 and err == b"", err
