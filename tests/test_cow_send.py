@@ -313,7 +313,7 @@ def test_several_volumes_in_one_send_and_a_no_cow_file(btrfs_mount, wyng, tmp_pa
     for v in (a, nocow):
         wyng.run("receive", v.name, "--save-to=%s" % (tmp_path / "out"))
         assert same(tmp_path / "out", v.path)
-    aid = os.listdir(wyng.meta)[0]
+    aid = next(wyng.meta.glob("*/root-seen")).parent.name
     records = wyng.meta / aid / "snapshots"
     (vid,) = [f[:-5] for f in os.listdir(records) if f.endswith(".json")
               and json.loads((records / f).read_text())["name"] == "a.img"]
