@@ -175,8 +175,9 @@ def test_truncated_chunk_is_not_taken_for_a_stored_one(wyng, tmp_path):
     wyng.init("--chunk-factor=1")
     image = _image(tmp_path / "img", 1)
     wyng.send("vol", image)
-    cut, dropped = _chunk_objects(wyng)[:2]
-    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    cut, grown, dropped = _chunk_objects(wyng)[:3]
+    cut.write_bytes(cut.read_bytes()[:30])  # shorter than any sealed chunk
+    grown.write_bytes(grown.read_bytes() + bytes(100))  # longer than this chunk can be
     dropped.unlink()
     wyng.send("copy", image)  # the same chunks, in another volume; no check ran in between
     wyng.run("verify", "vol")
