@@ -16,7 +16,7 @@ import pytest
 
 from conftest import AGENT, PASS, REPO, Wyng, need_root
 from images import KiB, make
-from test_qubes import Dom0, system  # noqa: F401 (a fixture)
+from qubes_helpers import Dom0, release, system  # noqa: F401 (fixtures)
 
 CHUNK = 64 * KiB  # --chunk-factor=1
 HOST = socket.gethostname().encode()
