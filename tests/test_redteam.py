@@ -331,7 +331,8 @@ def test_delete_of_a_volume_named_twice(wyng, tmp_path):
 
 def test_interrupted_agent_ends_without_a_traceback(tmp_path):
     agent = subprocess.Popen([str(AGENT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    hello = struct.pack(">H", 1) + str(tmp_path).encode()
+    from wyngagent.wire import PROTOCOL_VERSION
+    hello = struct.pack(">H", PROTOCOL_VERSION) + b"file:" + str(tmp_path).encode()
     agent.stdin.write(struct.pack(">BI", 1, len(hello)) + hello)
     agent.stdin.flush()
     assert agent.stdout.read(1) == b"\x80"  # OK: it serves, and waits for the next request
