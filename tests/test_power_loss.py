@@ -172,6 +172,7 @@ class Checker:
         ``ended`` commands finished (exited 0) before the cut."""
         self.points += 1
         work = self.tmp / "cut.img"
+        work.unlink(missing_ok=True)  # a new file: nothing that held the last one sees this one
         subprocess.run(["cp", "--sparse=always", str(image), str(work)], check=True)
         subprocess.run(["mount", "-o", "loop", str(work), str(self.mnt)], check=True)
         try:
@@ -182,7 +183,7 @@ class Checker:
             assert self.seen[key] is None, "crash point %d (%d commands done): %s" % (
                 self.points, ended, self.seen[key])
         finally:
-            subprocess.run(["umount", str(self.mnt)], check=True)
+            _unmount(self.mnt)
 
     def _fingerprint(self):
         digest = hashlib.sha256()
@@ -218,6 +219,19 @@ class Checker:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cli.main(self.wyng.args(args))
         return code, out.getvalue(), err.getvalue()
+
+
+def _unmount(mnt):
+    """Unmount, waiting up to 10 s for whatever still holds the mount (the
+    agent of the last command is waited for; a scanner of new block devices
+    may not be) and naming it if it does not let go."""
+    for _ in range(40):
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.25)
+    holders = subprocess.run(["fuser", "-vm", str(mnt)], capture_output=True, text=True)
+    subprocess.run(["umount", "-l", str(mnt)])
+    raise AssertionError("%s stays busy: %s" % (mnt, holders.stderr.strip() or holders.stdout.strip()))
 
 
 def replay(log, image, checker):
