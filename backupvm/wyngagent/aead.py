@@ -34,16 +34,27 @@ def hchacha20(key, nonce16):
 
 
 # OpenSSL's calls release the GIL (measured: two threads sealing use two
-# cores), so the agent's worker threads seal and open in parallel.  Older
-# cryptography (Debian 12 has 38) takes only bytes as data, not memoryviews;
-# bytes() of a bytes object is that object, no copy.
+# cores), so the agent's worker threads seal and open in parallel.
+def _takes_views():
+    """Older cryptography (Debian 12 has 38) takes only bytes as data, not
+    memoryviews, which must then be copied (bytes() of bytes is no copy)."""
+    try:
+        ChaCha20Poly1305(bytes(32)).encrypt(bytes(12), memoryview(b"x"), None)
+    except TypeError:
+        return False
+    return True
+
+
+_data = (lambda data: data) if _takes_views() else bytes
+
+
 def seal(key, nonce, aad, plain):
-    return ChaCha20Poly1305(hchacha20(key, nonce[:16])).encrypt(b"\0\0\0\0" + nonce[16:], bytes(plain), aad)
+    return ChaCha20Poly1305(hchacha20(key, nonce[:16])).encrypt(b"\0\0\0\0" + nonce[16:], _data(plain), aad)
 
 
 def open(key, nonce, aad, sealed):
     try:
-        return ChaCha20Poly1305(hchacha20(key, nonce[:16])).decrypt(b"\0\0\0\0" + nonce[16:], bytes(sealed), aad)
+        return ChaCha20Poly1305(hchacha20(key, nonce[:16])).decrypt(b"\0\0\0\0" + nonce[16:], _data(sealed), aad)
     except InvalidTag:
         return None
 

@@ -99,8 +99,10 @@ class Codec:
 
     # -- reading ---------------------------------------------------------
     def open(self, name, blob, max_plain):
-        """The plaintext of a whole object held in memory."""
-        return b"".join(self.open_stream(name, _BytesSource(blob), max_plain))
+        """The plaintext of a whole object held in memory (a bytes-like
+        object: one segment's plaintext is not copied again)."""
+        parts = list(self.open_stream(name, _BytesSource(blob), max_plain))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def open_stream(self, name, source, max_part):
         """Yield the plaintext segments of an object read from ``source``
@@ -148,15 +150,25 @@ def _aad(name, index, last):
     return name.encode() + struct.pack(">IB", index, last)
 
 
+_local = threading.local()  # a ZstdDecompressor per thread (they are not thread-safe)
+
+
 def _decompress(name, kind, data, limit):
-    """Decompress at most ``limit`` bytes; more is an error (no bombs)."""
+    """Decompress at most ``limit`` bytes; more is an error (no bombs).
+    Stored data is returned as the view it is, not copied."""
     if kind == COMP_NONE:
-        out = bytes(data)
+        out = data
     elif kind == COMP_ZSTD:
-        # a stream reader caps the output whatever the frame header claims
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
+        if not hasattr(_local, "zstd"):
+            _local.zstd = zstandard.ZstdDecompressor()
         try:
-            out = reader.read(limit + 1)
+            # a frame that states its size (ours do) is decompressed into a
+            # buffer of that size, which zstd never writes beyond; any other
+            # goes through a stream reader, which caps the output
+            if 0 <= zstandard.frame_content_size(data) <= limit:
+                out = _local.zstd.decompress(data)
+            else:
+                out = _local.zstd.stream_reader(io.BytesIO(data)).read(limit + 1)
         except zstandard.ZstdError:
             raise ObjectError("%s: bad zstd data" % name) from None
     elif kind in (COMP_ZLIB, COMP_BZ2):
