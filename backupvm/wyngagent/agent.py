@@ -4,6 +4,7 @@ The request/reply table is doc/PROTOCOL.md.  The agent holds no secret but
 the storage key dom0 hands it in OPEN; it never decides what a backup
 contains, it only stores, finds and returns objects.
 """
+import ctypes
 import struct
 import sys
 
@@ -23,6 +24,7 @@ SCAN_ITEM = struct.Struct(">16sI")  # manifest name, group
 OBJECT_ID = {CHUNK: CHUNK_ID, MANIFEST: MANIFEST_ID}  # id length of each kind
 MAX_URL = 4096
 BEFORE_OPEN = {wire.HELLO, wire.GET_HEADER, wire.INIT, wire.OPEN, wire.BYE}
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters (glibc's malloc.h)
 FATAL = (ArchiveError, LeaseError, ObjectError, OSError, wire.ProtocolError)
 
 
@@ -237,7 +239,25 @@ def _ids(payload, size):
     return [payload[i:i + size] for i in range(0, len(payload), size)]
 
 
+def keep_freed_memory():
+    """glibc gives a freed buffer of 128 KiB or more back to the kernel
+    and maps the next one afresh (unless a larger one was freed before), so
+    chunk-sized buffers can page-fault their memory in again (zeroed by the
+    kernel) for every chunk: measured, sealing 1 GiB of incompressible
+    256 KiB chunks in a loop took 3.1 million page faults and 2.7 times the
+    CPU.  Buffers up to 16 MiB come from the heap instead, which keeps up to
+    64 MiB freed for reuse; what is in use stays bounded by the chunks in
+    flight."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 16 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: only slower
+
+
 def main():
+    keep_freed_memory()
     try:
         sweep()
     except OSError:
