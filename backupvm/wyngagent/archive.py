@@ -168,9 +168,9 @@ class Archive:
 
     def _store_chunk(self, name, chunk_id, data):
         try:
-            sealed = self.codec.seal(name, data)
+            sealed = self.codec.seal_parts(name, data)
             self.store.write(name, sealed)
-            self._count(0, len(sealed))
+            self._count(0, sum(map(len, sealed)))
             with self.writers.mutex:
                 if chunk_id in self._damaged:  # stored again: repaired
                     self._damaged.discard(chunk_id)

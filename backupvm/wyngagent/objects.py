@@ -58,8 +58,14 @@ class Codec:
 
     # -- writing ---------------------------------------------------------
     def seal(self, name, data):
-        """One object of one segment (joined once: chunks are large)."""
-        return b"".join([MAGIC + bytes([self.cipher]), *self._segment(name, 0, True, data)])
+        """One object of one segment."""
+        return b"".join(self.seal_parts(name, data))
+
+    def seal_parts(self, name, data):
+        """One object of one segment as [head, body], for a store to write
+        as they are (chunks are large: joining them would copy them)."""
+        head, body = self._segment(name, 0, True, data)
+        return [MAGIC + bytes([self.cipher]) + head, body]
 
     def seal_stream(self, name, parts):
         """Yield the bytes of an object made of the given plaintext parts."""

@@ -108,6 +108,8 @@ class S3Store(Store):
 
     def write(self, name, parts, durable=False):
         key = self._key(name)
+        if isinstance(parts, list) and sum(map(len, parts)) < PUT_MAX:  # a sealed chunk: one PUT
+            parts = b"".join(parts)
         if isinstance(parts, (bytes, bytearray, memoryview)):
             with self._errors(name):
                 self.s3.put_object(Bucket=self.bucket, Key=key, Body=bytes(parts))
