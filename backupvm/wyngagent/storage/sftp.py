@@ -46,15 +46,26 @@ class Failure(StoreError):
 
 
 class Reply:
-    """One request's answer, once the reader thread has it."""
-    __slots__ = ("event", "kind", "body", "path")
+    """One request's answer, once the reader thread has it.  A plain lock,
+    held until the answer is in, is the signal: many requests are made per
+    object, and an Event costs several times as much."""
+    __slots__ = ("arrived", "kind", "body", "path")
 
     def __init__(self, path):
-        self.event, self.kind, self.body, self.path = threading.Event(), None, None, path
+        self.arrived, self.kind, self.body, self.path = threading.Lock(), None, None, path
+        self.arrived.acquire()
+
+    def answer(self, kind, body):
+        self.kind, self.body = kind, body
+        self.arrived.release()
+
+    def _wait(self):
+        with self.arrived:
+            pass
 
     def wait(self):
         """(kind, body) of the answer; an error status raises."""
-        self.event.wait()
+        self._wait()
         if self.kind is None:
             raise StoreError(*self.body.args)
         if self.kind == STATUS:
@@ -65,7 +76,7 @@ class Reply:
 
     def ok(self):
         """True for an OK status, False for EOF; errors raise."""
-        self.event.wait()
+        self._wait()
         if self.kind == STATUS and status(self.body)[0] == FX_EOF:
             return False
         self.wait()
@@ -195,16 +206,14 @@ class Connection:
                 rid, = U32.unpack_from(body)
                 reply = self.waiting.pop(rid, None)
                 if reply is not None:
-                    reply.kind, reply.body = kind, body[4:]
-                    reply.event.set()
+                    reply.answer(kind, memoryview(body)[4:])
         except (OSError, struct.error) as e:
             failure = e if isinstance(e, StoreError) else self._lost()
         with self.send_lock:
             self.broken = failure
             waiting, self.waiting = self.waiting, {}
         for reply in waiting.values():
-            reply.body = failure
-            reply.event.set()
+            reply.answer(None, failure)
 
     def _read_stderr(self):
         for line in self.proc.stderr:

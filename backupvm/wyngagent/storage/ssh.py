@@ -140,14 +140,12 @@ class SSHStore(Store):
         handle = self._open(temp, name, S.OPEN_WRITE | S.OPEN_CREAT | S.OPEN_EXCL)
         replies, offset, closed = collections.deque(), 0, False
         try:
-            for part in [parts] if isinstance(parts, (bytes, bytearray, memoryview)) else parts:
-                view = memoryview(part)
-                for i in range(0, len(view), self.max_write):
-                    piece = view[i:i + self.max_write]
-                    replies.append(self.conn.request(S.WRITE, handle, S.U64.pack(offset), S.string(piece), path=name))
-                    offset += len(piece)
-                    if len(replies) > WRITE_WINDOW:
-                        replies.popleft().wait()
+            for piece, length in _pieces(parts, self.max_write):
+                replies.append(self.conn.request(S.WRITE, handle, S.U64.pack(offset), S.U32.pack(length), *piece,
+                                                 path=name))
+                offset += length
+                if len(replies) > WRITE_WINDOW:
+                    replies.popleft().wait()
             if self.fsync:
                 replies.append(self.conn.extended("fsync@openssh.com", handle, path=name))
             closed = True
@@ -288,6 +286,25 @@ class SSHStore(Store):
         self.conn.close()
 
 
+def _pieces(parts, size):
+    """The bytes of ``parts`` (a bytes-like object or an iterable of them)
+    as (views, length) of ``size`` bytes each, the last shorter: a small
+    part goes in one WRITE with its neighbours, and nothing is copied."""
+    piece, length = [], 0
+    for part in [parts] if isinstance(parts, (bytes, bytearray, memoryview)) else parts:
+        view = memoryview(part).cast("B")
+        while view:
+            take = view[:size - length]
+            piece.append(take)
+            length += len(take)
+            view = view[len(take):]
+            if length == size:
+                yield piece, length
+                piece, length = [], 0
+    if piece:
+        yield piece, length
+
+
 class _Attrs:
     """A stat request's reply."""
 
@@ -307,7 +324,7 @@ class _Reader:
     def __init__(self, store, handle, name, expected):
         self.conn, self.handle, self.name, self.step = store.conn, handle, name, store.max_read
         self.expected, self.sent, self.pos = expected, 0, 0
-        self.pending, self.buf, self.eof = collections.deque(), bytearray(), False
+        self.pending, self.parts, self.have, self.eof = collections.deque(), [], 0, False
 
     def _fill(self):
         """Keep reads going: up to the expected end, and a few beyond once
@@ -319,14 +336,15 @@ class _Reader:
             self.sent += self.step
 
     def read(self, n=-1):
-        while (n < 0 or len(self.buf) < n) and not self.eof:
+        while (n < 0 or self.have < n) and not self.eof:
             self._fill()
             offset, reply = self.pending.popleft()
             if not reply.ok():
                 self.eof = True
                 break
             data = S.Parser(reply.body).string()
-            self.buf += data
+            self.parts.append(data)
+            self.have += len(data)
             self.pos = offset + len(data)
             if len(data) < self.step:
                 if self.pos >= self.expected:  # OpenSSH reads short only at the end
@@ -334,10 +352,11 @@ class _Reader:
                 else:  # a server that reads less at a time: go on from where it stopped
                     self.pending.clear()
                     self.sent, self.step = self.pos, max(len(data), 1)
-        n = len(self.buf) if n < 0 else min(n, len(self.buf))
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
+        # the replies are joined once; what is left over stays a view of that
+        joined = b"".join(self.parts)
+        n = len(joined) if n < 0 else min(n, len(joined))
+        self.parts, self.have = [memoryview(joined)[n:]], len(joined) - n
+        return joined if n == len(joined) else joined[:n]
 
     def close(self):
         self.pending.clear()
