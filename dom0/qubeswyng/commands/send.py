@@ -95,9 +95,7 @@ def send_volume(archive, name, source, session, tags, opts, lost):
 
     def chunk_id(item):  # on ahead's worker: bytes == bytes is a memcmp
         return ZERO if item[1] == zero[:len(item[1])] else keys.chunk_id(item[1])
-    # a copy of each chunk read, since the reader reuses its buffer
-    chunks = ((i, data if data is None else bytes(data)) for i, data in reader.chunks(cs, wanted))
-    for (index, data), cid in ahead(chunk_id, chunks):
+    for (index, data), cid in ahead(chunk_id, reader.chunks(cs, wanted)):
         if data is not None:
             st["chunks_read"] += 1
             st["bytes_read"] += len(data)

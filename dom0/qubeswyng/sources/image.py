@@ -72,9 +72,8 @@ class ImageSource(FullRead):
 
     def chunks(self, chunk_size, wanted=None):
         """Yield (index, data) for every chunk; data is None for a chunk in
-        a hole.  The memoryview is reused: use it before the next step.
+        a hole, else bytes of its own (read straight into them: no copy).
         ``wanted`` (a sorted iterable of indexes) limits what is read."""
-        buf = bytearray(chunk_size)
         count = -(-self.size // chunk_size)
         # chunk runs [first, stop) that touch data, walked forward with the indexes
         ranges = ((start // chunk_size, -(-end // chunk_size)) for start, end in self.data_ranges())
@@ -87,11 +86,10 @@ class ImageSource(FullRead):
                 continue
             offset = index * chunk_size
             length = min(chunk_size, self.size - offset)
-            view = memoryview(buf)[:length]
-            got = os.preadv(self.fd, [view], offset)
-            if got != length:
-                raise Fail("%s: short read at byte %d (did it shrink?)" % (self.path, offset + got))
-            yield index, view
+            data = os.pread(self.fd, length, offset)
+            if len(data) != length:
+                raise Fail("%s: short read at byte %d (did it shrink?)" % (self.path, offset + len(data)))
+            yield index, data
 
     def _announced(self, wanted, chunk_size):
         """``wanted``, each chunk announced (POSIX_FADV_WILLNEED) AHEAD chunks
