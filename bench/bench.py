@@ -21,7 +21,9 @@ page cache dropped first), beside the program's own count for sends.
 The CPU limit of a step is the cores divided by the summed per-byte CPU
 cost of its zstd:3 (or decompression), AEAD and HMAC-SHA256 work, measured
 on this image by bench/costs.py in the same run; "reached" is the step's
-rate over that limit, or over `cat` (cold cache) when that is lower.
+rate over that limit, or over `cat` (cold cache) when that is lower; for
+receive also over a flushed `cp` of the image into the work folder when
+that is lower (receive writes the volume there: a slow disk is its limit).
 
 --volume larger than --size spreads the same data over a sparse file of
 that size (holes between): peak RSS must not grow with it, the send should
@@ -157,6 +159,20 @@ def wyng(install, work, *args, cold=True):
             "cpu_agent": sampler.agent_cpu, "disk_read": usage.ru_inblock * 512}, out
 
 
+def copy_seconds(image, work):
+    """A sparse copy of the image into the work folder, flushed (cold cache)."""
+    drop_caches()
+    target = work / "copy"
+    start = time.monotonic()
+    subprocess.run(["cp", "--sparse=always", str(image), str(target)], check=True)
+    fd = os.open(target, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    seconds = time.monotonic() - start
+    target.unlink()
+    return seconds
+
+
 def limits(costs, cores):
     """CPU-limit MB/s of each step from the per-byte costs (ns/byte)."""
     ns = costs["ns_per_byte"]
@@ -191,6 +207,7 @@ def main():
     cold = drop_caches()
     r["cat_cold_MBps"] = mb / cat_seconds(image) if cold else None
     r["cat_warm_MBps"] = mb / cat_seconds(image)
+    r["copy_MBps"] = mb / copy_seconds(image, work)
 
     wyng(install, work, "arch-init")
     wyng(install, work, "list")  # unlocks the master key once (scrypt) and caches it: no step below pays for it
@@ -225,14 +242,16 @@ def report(r):
           "zstd:3 %.2f, unzstd %.2f, AEAD seal %.2f, open %.2f (%.0f%% of it stored)" % (
               mib(r["image_bytes"]), mib(r["allocated_bytes"]), r["cores"], ns["hmac"], ns["zstd"],
               ns["unzstd"], ns["seal"], ns["open"], 100 * r["costs"]["stored_fraction"]))
-    print("cat: cold cache %s, warm %.0f MB/s\n" % ("%.0f MB/s" % cat if cat else "n/a (not root)",
-                                                    r["cat_warm_MBps"]))
+    print("cat: cold cache %s, warm %.0f MB/s; cp into the work folder, flushed: %.0f MB/s\n" % (
+        "%.0f MB/s" % cat if cat else "n/a (not root)", r["cat_warm_MBps"], r["copy_MBps"]))
     print("| step | MB/s (s) | CPU limit MB/s | reached | CPU s/GiB dom0 + agent | peak RSS dom0, agent "
           "| disk read (kernel) / program |\n| --- | ---: | ---: | ---: | ---: | --- | --- |")
     for step in ("send", "incremental", "receive", "verify", "arch-check"):
         st = r[step]
         limit = r["limit_MBps"].get(step)
         bound = min(limit, cat) if limit and cat else limit
+        if step == "receive":
+            bound = min(bound, r["copy_MBps"])
         rate = "%.0f (%.2f s)" % (st["MBps"], st["s"]) if "MBps" in st else "%.2f s" % st["s"]
         read = mib(st["disk_read"]) + (" / %s" % mib(st["program_read"]) if "program_read" in st else "")
         print("| %s | %s | %s | %s | %.2f + %.2f | %s, %s | %s |" % (
