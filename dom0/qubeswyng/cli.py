@@ -197,7 +197,7 @@ def main(args=None, app=None):
             traceback.print_exc()
         message = e if isinstance(e, Fail) else "%s%s" % (e.strerror or e, (": %s" % e.filename) if e.filename else "")
         print("qvm-wyng: error: %s" % message, file=sys.stderr)
-        return EXIT_ERROR
+        return getattr(e, "status", EXIT_ERROR)
     except KeyboardInterrupt:
         print("qvm-wyng: interrupted", file=sys.stderr)
         return 130
