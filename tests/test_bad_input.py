@@ -195,7 +195,7 @@ def test_auth_cache_remembers_and_forgets(wyng, archived):
     wyng.run("--authmin=5", "list")
     wyng.passphrase = "wrong, but not asked"
     wyng.run("--authmin=5", "list")  # the cached key answers
-    wyng.run("--authmin=-1", "list", expect=1)  # forgets, then asks: wrong
+    wyng.run("--authmin=-1", "list", expect=3)  # forgets, then asks: wrong
     _one_line_error(wyng.run("--authmin=5", "list", expect=None), "wrong passphrase")
 
 

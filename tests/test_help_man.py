@@ -120,9 +120,9 @@ def test_man_page_documents_the_configuration_file():
 
 def test_man_page_renders_without_warnings():
     need(shutil.which("groff"), "groff (groff-base)")
-    done = subprocess.run(["groff", "-man", "-ww", "-z", str(MAN)], capture_output=True, text=True)
+    done = subprocess.run(["groff", "-t", "-man", "-ww", "-z", str(MAN)], capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr == "", done.stderr
-    rendered = subprocess.run(["groff", "-man", "-Tutf8", "-P-c", str(MAN)], capture_output=True, text=True,
+    rendered = subprocess.run(["groff", "-t", "-man", "-Tutf8", "-P-c", str(MAN)], capture_output=True, text=True,
                               check=True).stdout
     plain = re.sub(r".\x08", "", rendered)
     for name in cli.OPTIONS:

@@ -7,13 +7,13 @@ the man page (doc/qvm-wyng.1 is generated from them).
 """
 import argparse
 import sys
-import traceback
 
 from . import __version__, config
 from .commands import (add, arch_check, arch_copy, arch_deduplicate, arch_init, backup, browse, delete,
                        diff, list as list_cmd, monitor, prune, receive, rename, restore, send)
-from .errors import EXIT_ERROR, Fail
+from .errors import Fail, report
 from .formats import CIPHERS
+from .progress import notice
 
 META_DIR = "/var/lib/qubes-wyng"
 
@@ -28,12 +28,12 @@ COMMANDS = {
     "arch-init": (arch_init.run, "", "create a new archive at --dest",
                   ["dest", "encrypt", "compression", "hashtype", "chunk-factor", "passcmd"]),
     "send": (send.run, "[VOLUME ...]", "back up volumes as a new session (incremental when possible)",
-             ["dest", "local", "import-other-from", "tag", "send-unchanged", "autoprune", "apdays", "keep", "json",
-              "passcmd", "authmin"]),
+             ["dest", "local", "all", "volex", "import-other-from", "tag", "send-unchanged", "autoprune", "apdays",
+              "keep", "dry-run", "json", "passcmd", "authmin"]),
     "receive": (receive.run, "VOLUME", "restore a volume's session",
                 ["dest", "local", "save-to", "overwrite", "session", "session-strict", "passcmd", "authmin"]),
-    "verify": (receive.run_verify, "VOLUME|VMNAME ...", "check that volumes' (or qubes') sessions restore intact",
-               ["dest", "session", "session-strict", "passcmd", "authmin"]),
+    "verify": (receive.run_verify, "VOLUME|VMNAME ...|--all", "check that volumes' (or qubes') sessions restore intact",
+               ["dest", "all", "volex", "session", "session-strict", "passcmd", "authmin"]),
     "list": (list_cmd.run, "[VOLUME ...]", "list the volumes, or the sessions of volumes",
              ["dest", "json", "qubes", "passcmd", "authmin"]),
     "backup": (backup.run, "[VMNAME ...|--all]", "back up qubes, their volumes and settings, as one new session",
@@ -54,10 +54,11 @@ COMMANDS = {
                 "note the changes since the last send and renew the snapshots; free those of volumes gone "
                 "from the pool (no archive needed)",
                 ["local", "all"]),
-    "diff": (diff.run, "VOLUME ...", "compare local volumes with their archived session (exit 3: they differ)",
+    "diff": (diff.run, "VOLUME ...", "compare local volumes with their archived session (exit 2: they differ)",
              ["dest", "local", "session", "session-strict", "json", "passcmd", "authmin"]),
     "prune": (prune.run, "[VOLUME ...|--all]", "remove sessions and reclaim their space (never the newest)",
-              ["dest", "all", "session", "all-before", "keep", "autoprune", "apdays", "passcmd", "authmin"]),
+              ["dest", "all", "volex", "session", "all-before", "keep", "autoprune", "apdays", "dry-run", "passcmd",
+               "authmin"]),
     "delete": (delete.run, "VOLUME ...|--clean [--all]",
                "remove volumes and all their sessions from the archive, and their local snapshots; with "
                "--clean, remove only this "
@@ -84,17 +85,24 @@ OPTIONS = {
     "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG[,...]",
                            help="the session to use (newest if not given); prune: one, every one tagged, "
                                 "or an inclusive range FIRST,LAST; arch-check: newest, or one and all older")),
-    "all": ("-a", dict(action="store_true", help="every volume (of the archive; monitor: of --local); backup: "
-                                                "every qube with include_in_backups; restore: every qube in the "
-                                                "archive that this system lacks (force: all); delete --clean: every archive's local metadata")),
+    "all": ("-a", dict(action="store_true", help="every volume (of the archive; send: those of the archive "
+                                                "found in the pool; monitor: of the pool); backup: every qube with "
+                                                "include_in_backups; restore: every qube in the archive that this "
+                                                "system lacks (force: all); delete --clean: every archive's local "
+                                                "metadata")),
+    "volex": (None, dict(action="append", default=[], metavar="VOLUME",
+                         help="leave this volume out (of --all, or of the volumes named); repeat for more")),
     "all-before": (None, dict(action="store_true", help="prune every session before --session")),
     "keep": (None, dict(action="append", default=[], metavar="YYYYMMDD-HHMMSS|^TAG",
                         help="never prune this session, or sessions with this tag; repeat for more")),
     "autoprune": (None, dict(choices=("off", "on", "min", "full"),
-                             help="remove old sessions by age (--apdays): full always; on, min (fewer) "
-                                  "with send only when the destination is short of space")),
-    "apdays": (None, dict(metavar="A:B:C:D", help="autoprune: remove all sessions older than A days "
-                          "(0: never), thin sessions older than B days to D per C days (default 0:62:1:2)")),
+                             help="remove old sessions by age (--apdays): full all that are due; on, min 3, 1 "
+                                  "of each volume's oldest at a time, with send only while the destination is "
+                                  "short of space")),
+    "apdays": (None, dict(metavar="A:B:C:D", help="autoprune: remove every session older than A days, thin "
+                          "sessions older than B days to D per C days; 0 turns A or B off, both: autoprune "
+                          "off (default 0:62:1:2)")),
+    "dry-run": (None, dict(action="store_true", help="say what would be sent or removed; change nothing")),
     "clean": (None, dict(action="store_true", help="arch-check: remove objects no session uses; "
                                                   "delete: remove local snapshots and metadata only")),
     "session-strict": (None, dict(choices=("on", "off"), default="on",
@@ -181,7 +189,10 @@ def parse(args):
             parser(arg).parse_args(["--help"])
     opts = parser().parse_intermixed_args(args)
     path, required = config.path_to_read(opts.config)
-    config.apply(opts, config.read(path, OPTIONS, required), config.given_options(parser(), args))
+    values, unused = config.read(path, OPTIONS, required)
+    config.apply(opts, values, config.given_options(parser(), args))
+    for text in unused:
+        notice(opts, text)
     if not -1 <= opts.authmin <= 60:
         raise Fail("--authmin must be -1 to 60")
     return opts
@@ -193,11 +204,7 @@ def main(args=None, app=None):
         opts = parse(sys.argv[1:] if args is None else args)
         return COMMANDS[opts.command][0](opts, app)
     except (Fail, OSError) as e:
-        if opts is not None and opts.debug:
-            traceback.print_exc()
-        message = e if isinstance(e, Fail) else "%s%s" % (e.strerror or e, (": %s" % e.filename) if e.filename else "")
-        print("qvm-wyng: error: %s" % message, file=sys.stderr)
-        return getattr(e, "status", EXIT_ERROR)
+        return report(e, opts is not None and opts.debug)
     except KeyboardInterrupt:
         print("qvm-wyng: interrupted", file=sys.stderr)
         return 130

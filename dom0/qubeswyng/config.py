@@ -23,9 +23,13 @@
 - ``--config=PATH`` reads PATH instead, which must exist; a missing default
   file is fine.  ``QVM_WYNG_CONFIG`` names another default file (tests use
   it so they never read the real one).
-- Options that only make sense for one run are refused in the file:
-  ``config`` and the ``force`` options (Wyng ignores such
-  keys; an error is clearer than a silently ignored line).
+- Keys mean what they mean in Wyng.  Keys Wyng ignores in the file
+  (options for one run: ``session``, ``tag``, ``all``, ``force`` ...)
+  are ignored here too, with a notice, and so is
+  ``force-allow-rollback`` and ``force-other-archive`` (accepting a
+  rolled-back or another archive must be the choice of one run).  Wyng's options
+  that mean nothing here (``dedup``: always on; ``meta-reduce`` ...) are
+  accepted with a notice.  Only a key neither tool knows is an error.
 """
 import argparse
 import ast
@@ -37,7 +41,13 @@ from .errors import Fail
 DEFAULT_PATH = "/etc/wyng/wyng.ini"
 ENV = "QVM_WYNG_CONFIG"
 SECTION = "var-global-default"
-COMMAND_LINE_ONLY = ("config", "force", "force-allow-rollback", "force-other-archive")
+# Wyng 0.8 ignores these keys in the file; the last two are our additions
+IGNORED = ("config debug force save-to session unattended volume-desc tag all all-before vols-from "
+           "import-other-from upgrade-format help skip-corrupt-chunks force-retry force-allow-rollback "
+           "force-other-archive").split()
+# Wyng 0.8 options that have no meaning here
+WYNG_ONLY = ("dedup use-snapshot-diff req-snapshot remap local-from vid meta-reduce quick vouch purge maxsync "
+             "tar-bypass opt-ssh opt-qubes change-uuid purge-tmp").split()
 
 
 def path_to_read(explicit):
@@ -49,9 +59,10 @@ def path_to_read(explicit):
 
 def read(path, options, required=False):
     """``{option name: value}`` from the file at ``path``, converted and
-    checked with the option table ``options`` (cli.OPTIONS)."""
+    checked with the option table ``options`` (cli.OPTIONS), and the
+    notices to print about keys left unused."""
     if not required and not os.path.exists(path):
-        return {}
+        return {}, []
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -77,9 +88,11 @@ def parse(text, options, where="wyng.ini"):
     for section in ini.sections():
         if section != SECTION:
             raise Fail("%s: unknown section [%s] (only [%s])" % (where, section, SECTION))
-    if not ini.has_section(SECTION):
-        return {}
-    return {key: convert(key, value, options, where) for key, value in ini.items(SECTION)}
+    items = ini.items(SECTION) if ini.has_section(SECTION) else []
+    unused = [key for key, _v in items if key in IGNORED or key in WYNG_ONLY]
+    return ({key: convert(key, value, options, where) for key, value in items if key not in unused},
+            ["%s: %s: %s" % (where, key, "ignored in the file, as in Wyng" if key in IGNORED else
+                             "a Wyng option that has no meaning here, ignored") for key in unused])
 
 
 def convert(key, value, options, where):
@@ -88,8 +101,6 @@ def convert(key, value, options, where):
 
     if key not in options:
         raise bad("unknown option")
-    if key in COMMAND_LINE_ONLY:
-        raise bad("only allowed on the command line")
     kwargs = options[key][1]
     action = kwargs.get("action", "store")
     lines = [line.strip() for line in value.splitlines() if line.strip()]

@@ -11,7 +11,7 @@ import os
 import struct
 
 from . import keys as K
-from .errors import Fail
+from .errors import AuthFail, Fail
 
 FORMAT_VERSION = 1
 HEADER_MAGIC = b"QWYNGHDR"
@@ -72,7 +72,7 @@ class Header:
 
     def check(self, keys):
         if not keys.check(HEADER_LABEL, self.body, self.mac):
-            raise Fail("the archive header was altered (or the cached key is not this archive's)")
+            raise AuthFail("the archive header was altered (or the cached key is not this archive's)")
 
 
 def parse_compression(spec):
@@ -106,8 +106,8 @@ def open_root(keys, blob, archive_id):
     """The root dict from agent bytes, after its MAC and archive id match."""
     body, mac = blob[:-MAC_SIZE], blob[-MAC_SIZE:]
     if len(blob) <= MAC_SIZE or not keys.check(ROOT_LABEL, body, mac):
-        raise Fail("the archive root fails authentication: it was altered, or is not this archive's")
+        raise AuthFail("the archive root fails authentication: it was altered, or is not this archive's")
     root = json.loads(body)
     if root.get("archive") != archive_id.hex() or root.get("format") != FORMAT_VERSION:
-        raise Fail("the archive root belongs to another archive")
+        raise AuthFail("the archive root belongs to another archive")
     return root, mac

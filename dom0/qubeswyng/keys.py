@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from .clock import now
-from .errors import Fail
+from .errors import AuthFail, Fail
 from .meta import write_atomic
 
 # scrypt cost: log2(N), r, p.  64 MiB and about 0.2 s here.
@@ -42,7 +42,7 @@ def wrap(kek, master, bound):
 def unwrap(kek, wrapped, bound):
     nonce, ct, tag = wrapped[:16], wrapped[16:48], wrapped[48:80]
     if not hmac.compare_digest(tag, hmac.digest(kek[32:], bound + nonce + ct, "sha256")):
-        raise Fail("wrong passphrase (or the archive header was altered)")
+        raise AuthFail("wrong passphrase (or the archive header was altered)")
     return _xor(ct, hmac.digest(kek[:32], b"wrap" + nonce, "sha256"))
 
 
@@ -81,11 +81,11 @@ def read_passphrase(opts, confirm=False):
     if opts.passcmd:
         done = subprocess.run(opts.passcmd, shell=True, stdout=subprocess.PIPE)
         if done.returncode != 0:
-            raise Fail("--passcmd exited with status %d" % done.returncode)
+            raise AuthFail("--passcmd exited with status %d" % done.returncode)
         secret = done.stdout.rstrip(b"\r\n")
     elif sys.stdin.isatty():
         if opts.unattended:
-            raise Fail("a passphrase is needed; give --passcmd for unattended use")
+            raise AuthFail("a passphrase is needed; give --passcmd for unattended use")
         import getpass
         secret = getpass.getpass("Passphrase: ").encode()
         if confirm and getpass.getpass("Again: ").encode() != secret:
@@ -93,7 +93,7 @@ def read_passphrase(opts, confirm=False):
     else:
         secret = sys.stdin.buffer.readline(4096).rstrip(b"\r\n")
     if not secret:
-        raise Fail("empty passphrase")
+        raise AuthFail("empty passphrase")
     return secret
 
 

@@ -1,16 +1,15 @@
 """diff: compare local volumes with their newest (or --session) archived
 session, chunk by chunk, reading the local volume in full.  Exit status 0
-when they are equal, 3 when any differs, 1 on errors."""
+when they are equal, 2 (EXIT_PARTIAL: "some volumes did not pass") when
+any differs, 1 on errors."""
 import json
 
 from ..archive import Archive
-from ..errors import Fail
+from ..errors import EXIT_PARTIAL, Fail
 from ..manifest import ZERO, chunk_count
 from ..progress import Progress, size
 from ..sources import open_source
 from . import pick_session
-
-EXIT_DIFFERENT = 3
 
 
 def run(opts, app):
@@ -27,7 +26,7 @@ def run(opts, app):
                               if st["size"] != st["archived_size"] else "")))
     if opts.json:
         print(json.dumps({"volumes": results}, indent=1))
-    return 0 if all(st["same"] for st in results) else EXIT_DIFFERENT
+    return 0 if all(st["same"] for st in results) else EXIT_PARTIAL
 
 
 def compare(archive, volume, opts):
