@@ -300,7 +300,8 @@ def test_full_destination_during_prune(wyng, tmp_path, tmpfs):
     shutil.rmtree(wyng.archive)
 
 
-def test_send_autoprune_on_prunes_only_when_space_is_short(wyng, tmp_path, tmpfs):
+@pytest.mark.parametrize("mode,removed", [("on", 3), ("min", 1)])
+def test_send_autoprune_on_or_min_prunes_only_when_space_is_short(wyng, tmp_path, tmpfs, mode, removed):
     mnt = tmpfs("8m")
     wyng.archive = mnt / "archive"
     wyng.dest = "file:%s" % wyng.archive
@@ -311,14 +312,14 @@ def test_send_autoprune_on_prunes_only_when_space_is_short(wyng, tmp_path, tmpfs
         image.write_bytes(os.urandom(MiB))
         wyng.at(1767225600 + n * day, "send", "--import-other-from=vol:|:%s" % image)
     image.write_bytes(os.urandom(MiB))
-    args = ("send", "--import-other-from=vol:|:%s" % image, "--autoprune=on", "--apdays=1:62:1:2")
+    args = ("send", "--import-other-from=vol:|:%s" % image, "--autoprune=" + mode, "--apdays=1:62:1:2")
     wyng.at(1767225600 + 10 * day, *args)  # space enough: nothing pruned
     assert len(wyng.sessions("vol")) == 4
     filler = _fill(mnt, MiB // 8)
     image.write_bytes(os.urandom(MiB // 4))
     done = wyng.at(1767225600 + 11 * day, *args)
-    assert "autoprune removed 3 sessions" in done.stderr
-    assert len(wyng.sessions("vol")) == 2
+    assert "autoprune: vol: removed %d session" % removed in done.stderr
+    assert len(wyng.sessions("vol")) == 4 - removed + 1
     filler.unlink()
     assert wyng.run("arch-check").returncode == 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Wyng
-from images import KiB
+from images import KiB, tree_digests
 
 CHUNK = 64 * KiB  # --chunk-factor=1
 CHUNKS = 4
@@ -97,20 +97,22 @@ def model(sessions, session=None, all_before=False, keep=(), autoprune=None, apd
         else:
             first, last = _point(sessions, specs[0], False), _point(sessions, specs[1], True)
             gone = {s.name for s in sessions if first and last and first <= s.name <= last}
-    if autoprune:
+    if autoprune:  # one round, as prune runs it: full all candidates, on and min the oldest 3 and 1
         a, b, c, d = apdays
         age = {s.name: (NOW - s.time) / DAY for s in sessions}
-        if a:
-            gone |= {s.name for s in sessions if age[s.name] > a}
-        if autoprune in ("on", "full"):
-            windows = {}
-            for s in sessions:
-                if s.name not in gone and age[s.name] > b:
-                    day = (_utc(s.time).date() - datetime.date(1970, 1, 1)).days
-                    windows.setdefault(day // c, []).append(s)
-            for members in windows.values():
-                members.sort(key=lambda s: s.time)
-                gone |= {s.name for s in members[:len(members) - (d if autoprune == "full" else 2 * d)]}
+        candidates = {s.name for s in sessions if a and age[s.name] > a}
+        windows = {}
+        for s in sessions:
+            if s.name not in candidates and b and age[s.name] > b:
+                day = (_utc(s.time).date() - datetime.date(1970, 1, 1)).days
+                windows.setdefault(day // c, []).append(s)
+        for members in windows.values():
+            members.sort(key=lambda s: s.time)
+            candidates |= {s.name for s in members[:len(members) - d]}
+        for spec in keep:
+            candidates -= {s.name for s in sessions if s.name == spec or spec[1:] in s.tags}
+        candidates = sorted(candidates - {sessions[-1].name})
+        gone |= set(candidates[:{"on": 3, "min": 1}.get(autoprune, len(candidates))])
     for spec in keep:
         gone -= {s.name for s in sessions if s.name == spec or spec[1:] in s.tags}
     gone.discard(sessions[-1].name)
@@ -169,6 +171,8 @@ CASES = [
     ("autoprune min 400:1:1:1", dict(autoprune="min", apdays=(400, 1, 1, 1))),
     ("autoprune full 180:10:3:2 keeping a tag", dict(autoprune="full", apdays=(180, 10, 3, 2), keep=["^monthly"])),
     ("autoprune full 0:2:1:1", dict(autoprune="full", apdays=(0, 2, 1, 1))),
+    ("autoprune on 400:0:1:1, thinning off", dict(autoprune="on", apdays=(400, 0, 1, 1))),
+    ("autoprune min 0:62:1:2", dict(autoprune="min")),
 ]
 
 
@@ -208,6 +212,27 @@ def test_send_with_autoprune_prunes_first(history, tmp_path):
     image.write_bytes(b"".join(sessions[-1].chunks[:2]) + bytes(2 * CHUNK))
     _pruned(history, tmp_path, ["--import-other-from=vol:|:%s" % image] + args, model(sessions, **case),
             command="send", new=hashlib.sha256(image.read_bytes()).hexdigest())
+
+
+def test_autoprune_is_off_when_a_and_b_are_both_0(history, tmp_path):
+    source, sessions = history
+    wyng = source.copy(tmp_path)
+    before = _chunk_sizes(wyng.archive)
+    for mode in ("full", "on", "min"):
+        done = wyng.at(NOW, "prune", "vol", "--autoprune=" + mode, "--apdays=0:0:1:1")
+        assert "no sessions to prune" in done.stdout
+    assert wyng.sessions("vol") == [s.name for s in sessions] and _chunk_sizes(wyng.archive) == before
+
+
+def test_prune_dry_run_says_what_it_would_remove_and_changes_nothing(history, tmp_path):
+    source, sessions = history
+    wyng = source.copy(tmp_path)
+    args, case = _args(sessions, dict(autoprune="full", apdays=(365, 31, 1, 2)))
+    before = tree_digests(wyng.archive), tree_digests(wyng.meta)
+    done = wyng.at(NOW, "prune", "vol", "--dry-run", "--session=" + sessions[3].name, *args)
+    assert done.stdout.startswith("vol: would remove %d sessions: " % len(model(sessions, **case) | {sessions[3].name}))
+    assert set(done.stdout.split(": ", 2)[2].split()) == model(sessions, **case) | {sessions[3].name}
+    assert (tree_digests(wyng.archive), tree_digests(wyng.meta)) == before
 
 
 def test_newest_session_is_never_pruned(history, tmp_path):

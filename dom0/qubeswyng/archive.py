@@ -223,32 +223,44 @@ class Archive:
         return ses
 
     def put_chunk(self, cid, data):
-        self.link.send(wire.PUT_CHUNK, cid, data)
+        if not self.opts.dry_run:
+            self.link.send(wire.PUT_CHUNK, cid, data)
 
     def fetch(self, wanted):
         """Yield (index, data) for ``wanted`` (index, id, length), in order;
         each chunk is checked against its id before it is yielded (the ids
         are computed on a worker while the next chunks are read).  A second
         batch is asked for before the first is read, so the agent never waits."""
-        for (index, cid, data), good in ahead(lambda item: self.keys.chunk_id(item[2]) == item[1],
-                                              self._received(wanted)):
-            if not good:
-                raise Fail("chunk %d fails authentication: the archive returned other data" % index)
-            yield index, data
+        with contextlib.closing(self._received(wanted)) as received:
+            for (index, cid, data), good in ahead(lambda item: self.keys.chunk_id(item[2]) == item[1], received):
+                if not good:
+                    raise Fail("chunk %d fails authentication: the archive returned other data" % index)
+                yield index, data
 
     def _received(self, wanted):
-        """(index, id, data) of the right length, unchecked."""
-        wanted, pending = iter(wanted), []
-        for batch in iter(lambda: list(itertools.islice(wanted, FETCH_BATCH)), []):
-            self.link.send(wire.GET_CHUNKS, b"".join(cid for _i, cid, _n in batch))
-            pending.append(batch)
-            if len(pending) == 2:
-                yield from self._receive(pending.pop(0))
-        for batch in pending:
-            yield from self._receive(batch)
+        """(index, id, data) of the right length, unchecked.  Closed early (a
+        chunk failed, or the caller stopped), it reads and drops the replies
+        still due, so that the link can serve the next volume."""
+        wanted, pending = iter(wanted), collections.deque()
+        try:
+            for batch in iter(lambda: collections.deque(itertools.islice(wanted, FETCH_BATCH)), collections.deque()):
+                self.link.send(wire.GET_CHUNKS, b"".join(cid for _i, cid, _n in batch))
+                pending.append(batch)
+                if len(pending) == 2:
+                    yield from self._receive(pending)
+            while pending:
+                yield from self._receive(pending)
+        except (Fail, GeneratorExit) as e:
+            for _i, _cid, length in () if isinstance(e, wire.LinkBroken) else itertools.chain(*pending):
+                with contextlib.suppress(wire.AgentError):  # an ERR for a missing chunk
+                    self.link.frame((wire.DATA,), length)
+            raise
 
-    def _receive(self, batch):
-        for index, cid, length in batch:
+    def _receive(self, pending):
+        """The chunks of the first pending batch, each taken off it as read."""
+        batch = pending[0]
+        while batch:
+            index, cid, length = batch.popleft()
             try:
                 data = self.link.frame((wire.DATA,), length)[1]
             except wire.AgentError as e:
@@ -256,6 +268,7 @@ class Archive:
             if len(data) != length:
                 raise Fail("chunk %d fails authentication: the archive returned other data" % index)
             yield index, cid, data
+        pending.popleft()
 
     # -- committing ----------------------------------------------------------
     def commit(self):

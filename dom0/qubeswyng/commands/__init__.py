@@ -1,9 +1,11 @@
 """One module per command; each has ``run(opts, app) -> exit code``.
 Helpers shared by several commands live here."""
 import re
+import sys
 
-from ..errors import Fail
+from ..errors import EXIT_PARTIAL, Fail, report
 from ..settings import resolve
+from ..wire import LinkBroken
 
 SESSION_RE = re.compile(r"^\d{8}-\d{6}$")
 
@@ -51,14 +53,41 @@ def pick_session(opts, vol):
 
 def chosen_volumes(opts, archive, default_all=False):
     """The volumes named on the command line (a qube name stands for all its
-    volumes), or all with --all (or when none are named and ``default_all``)."""
+    volumes), or all with --all (or when none are named and ``default_all``);
+    less --volex."""
     if opts.volumes and opts.all:
         raise Fail("%s: name volumes or give --all, not both" % opts.command)
-    if opts.all or (default_all and not opts.volumes):
-        return archive.root["volumes"][:]
-    if not opts.volumes:
+    if not opts.volumes and not (opts.all or default_all):
         raise Fail("%s: name the volumes, or give --all" % opts.command)
-    return resolve(archive, opts.volumes)
+    vols = resolve(archive, opts.volumes) if opts.volumes else archive.root["volumes"]
+    return [v for v in vols if v["name"] not in opts.volex]
+
+
+class Several:
+    """Work on several volumes as Wyng does: when one fails (but not the
+    link to the agent, which cannot go on), its error is printed and the
+    others are still done; the command then exits EXIT_PARTIAL."""
+
+    def __init__(self, opts, carry_on):
+        self.opts, self.carry_on, self.failed = opts, carry_on, []
+
+    def each(self, items, work):
+        """[(name, work(name, item))] for the (name, item) pairs that worked."""
+        done = []
+        for name, item in items:
+            try:
+                done.append((name, work(name, item)))
+            except (Fail, OSError) as e:
+                if not self.carry_on or isinstance(e, LinkBroken):
+                    raise
+                report(e, self.opts.debug, name)
+                self.failed.append(name)
+        return done
+
+    def status(self):
+        if self.failed:
+            print("qvm-wyng: %d volumes failed: %s" % (len(self.failed), " ".join(self.failed)), file=sys.stderr)
+        return EXIT_PARTIAL if self.failed else 0
 
 
 def confirm(opts, question):

@@ -56,31 +56,28 @@ def parse_apdays(spec):
     return tuple(int(x) for x in m.groups())
 
 
-def by_age(mode, apdays, vol, when):
-    """Indexes autoprune removes: every session older than A days (A > 0);
-    with on/full, sessions older than B days are thinned to the newest D
-    (on: 2·D) of each C-day window (windows counted in UTC days)."""
+def by_age(apdays, vol, when):
+    """Indexes autoprune may remove, as Wyng picks them: every session older
+    than A days (A > 0), and sessions older than B days (B > 0) thinned to
+    the newest D of each C-day window (UTC days).  A and B both 0: none."""
     a, b, c, d = apdays
-    sessions = vol["sessions"]
+    sessions, windows = vol["sessions"], {}
     chosen = {i for i, s in enumerate(sessions) if a and when - s["time"] > a * DAY}
-    if mode in ("on", "full"):
-        keep, windows = d if mode == "full" else 2 * d, {}
-        for i, s in enumerate(sessions):
-            if i not in chosen and when - s["time"] > b * DAY:
-                windows.setdefault(s["time"] // (c * DAY), []).append(i)
-        for members in windows.values():
-            chosen.update(members[:-keep])
+    for i, s in enumerate(sessions):
+        if i not in chosen and b and when - s["time"] > b * DAY:
+            windows.setdefault(s["time"] // (c * DAY), []).append(i)
+    for members in windows.values():
+        chosen.update(members[:-d])
     return chosen
 
 
-def plan(opts, vols, by_spec=True):
-    """[(volume, names of the sessions to remove)]: the selection (--session
-    unless not ``by_spec``, --autoprune) minus --keep and the newest session."""
+def plan(opts, vols, by_spec):
+    """[(volume, names of the sessions to remove)]: what --session selects
+    (``by_spec``) or autoprune's candidates, minus --keep and the newest
+    session."""
     out = []
     for vol in vols:
-        chosen = by_session(opts, vol) if opts.session and by_spec else set()
-        if opts.autoprune not in (None, "off"):
-            chosen |= by_age(opts.autoprune, parse_apdays(opts.apdays), vol, now())
+        chosen = by_session(opts, vol) if by_spec else by_age(parse_apdays(opts.apdays), vol, now())
         for spec in map(session_spec, opts.keep):
             chosen -= {i for i, s in enumerate(vol["sessions"]) if matches(s, spec)}
         chosen.discard(len(vol["sessions"]) - 1)
@@ -91,10 +88,13 @@ def plan(opts, vols, by_spec=True):
 
 # -- removing them -------------------------------------------------------------
 
-def remove(archive, removals):
-    """Fold, commit, collect.  Returns (objects, bytes) the collector removed.
-    Sessions go by name, never by a position that an earlier fold changed."""
-    if not removals:
+def remove(archive, opts, removals, names):
+    """Fold, commit, collect, after adding [(volume name, [session names])]
+    to ``names``; with --dry-run only that.  Returns (objects, bytes) the
+    collector removed.  Sessions go by name, never by a position that an
+    earlier fold changed."""
+    names += [(v["name"], gone) for v, gone in removals]
+    if not removals or opts.dry_run:
         return 0, 0
     archive.mark_garbage()
     point("dom0:prune-marked")
@@ -141,15 +141,51 @@ def _merge(archive, vol, run, i, parent):
     return archive.write_manifest(vol, record, parent, n, entries)
 
 
+STEP = {"on": 3, "min": 1}  # autoprune candidates removed per volume and round (full: all at once)
+
+
+def autoprune(archive, opts, vols, names, needed=None):
+    """Remove autoprune's candidates of ``vols``: full all of them; on and
+    min up to 3 and 1 of each volume's oldest a round, rounds going on while
+    the destination has less than ``needed`` bytes free (None: one round).
+    --dry-run: the first round.  Returns the (objects, bytes) reclaimed."""
+    step, reclaimed = STEP.get(opts.autoprune), (0, 0)
+    while True:
+        if step and needed is not None:
+            free = archive.free_bytes()
+            if free is None or free >= needed:
+                break
+        removals = [(v, gone[:step]) for v, gone in plan(opts, vols, by_spec=False)]
+        reclaimed = tuple(map(sum, zip(reclaimed, remove(archive, opts, removals, names))))
+        if not removals or not step or needed is None or opts.dry_run:
+            break
+    return reclaimed
+
+
+def report(opts, names, reclaimed, show=say):
+    merged = {}
+    for name, gone in names:  # a volume pruned in rounds, or (--dry-run) twice the same
+        merged[name] = sorted(set(merged.get(name, ())) | set(gone))
+    verb = "would remove" if opts.dry_run else "removed"
+    for name, gone in merged.items():
+        show(opts, "%s: %s %d session%s: %s" % (name, verb, len(gone), "s"[:len(gone) != 1], " ".join(gone)))
+    if merged and not opts.dry_run:
+        show(opts, "pruned %d sessions; %d objects (%s) reclaimed" % (
+            sum(len(g) for g in merged.values()), reclaimed[0], size(reclaimed[1])))
+
+
 def run(opts, app):
     if not opts.session and opts.autoprune in (None, "off"):
         raise Fail("prune needs --session=SESSION[,SESSION] or --autoprune=on|min|full")
     parse_apdays(opts.apdays)
-    with Archive(opts, app).open(write=True) as archive:
-        removals = plan(opts, chosen_volumes(opts, archive))
-        objects, freed = remove(archive, removals)
-    for vol, gone in removals:
-        say(opts, "%s: removed %d session%s: %s" % (vol["name"], len(gone), "s"[:len(gone) != 1], " ".join(gone)))
-    say(opts, "pruned %d sessions; %d objects (%s) reclaimed" % (
-        sum(len(g) for _v, g in removals), objects, size(freed)) if removals else "no sessions to prune")
+    names = []
+    with Archive(opts, app).open(write=not opts.dry_run) as archive:
+        vols = chosen_volumes(opts, archive)
+        reclaimed = remove(archive, opts, plan(opts, vols, by_spec=True), names) if opts.session else (0, 0)
+        if opts.autoprune not in (None, "off"):
+            more = autoprune(archive, opts, vols, names)
+            reclaimed = (reclaimed[0] + more[0], reclaimed[1] + more[1])
+    report(opts, names, reclaimed)
+    if not names:
+        say(opts, "no sessions to prune")
     return 0

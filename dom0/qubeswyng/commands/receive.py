@@ -22,9 +22,8 @@ from ..archive import Archive
 from ..errors import Fail
 from ..manifest import ZERO
 from ..progress import Progress, say, size
-from ..settings import resolve
 from ..sources import open_source
-from . import pick_session
+from . import Several, chosen_volumes, pick_session
 
 BLKDISCARD = 0x1277
 ZEROS = bytes(1 << 22)
@@ -96,10 +95,11 @@ def restore(archive, chunk_map, total, write, opts, label, zeros_needed):
     wanted = ((i, cid, length(i)) for i, cid in ((i, chunk_map[i]) for i in range(count)) if cid != ZERO)
     progress = Progress(opts, label, total)
     fetched = 0
-    for index, data in archive.fetch(wanted):
-        write(index * cs, data)
-        fetched += 1
-        progress.update(index * cs)
+    with contextlib.closing(archive.fetch(wanted)) as chunks:
+        for index, data in chunks:
+            write(index * cs, data)
+            fetched += 1
+            progress.update(index * cs)
     progress.close()
     return fetched
 
@@ -141,11 +141,15 @@ def run(opts, app):
 
 
 def run_verify(opts, app):
+    def verify(name, vol):
+        index = pick_session(opts, vol)
+        ses = vol["sessions"][index]
+        fetched = restore(archive, archive.chunk_map(vol, index), ses["size"], lambda _o, _d: None, opts, name,
+                          zeros_needed=False)
+        say(opts, "%s: session %s verified (%s, %d chunks)" % (name, ses["name"], size(ses["size"]), fetched))
+
     with Archive(opts, app).open() as archive:
-        for vol in resolve(archive, opts.volumes):  # a qube name: all its volumes
-            name, index = vol["name"], pick_session(opts, vol)
-            ses = vol["sessions"][index]
-            fetched = restore(archive, archive.chunk_map(vol, index), ses["size"], lambda _o, _d: None, opts,
-                              name, zeros_needed=False)
-            say(opts, "%s: session %s verified (%s, %d chunks)" % (name, ses["name"], size(ses["size"]), fetched))
-    return 0
+        vols = chosen_volumes(opts, archive)  # a qube name: all its volumes
+        several = Several(opts, len(vols) > 1)
+        several.each([(v["name"], v) for v in vols], verify)
+    return several.status()

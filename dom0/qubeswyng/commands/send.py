@@ -17,10 +17,10 @@ from ..clock import now
 from ..errors import Fail
 from ..manifest import ZERO, chunk_count
 from ..progress import Progress, notice, say, size
-from ..sources import open_all
+from ..sources import open_source
 from ..sources.image import ImageSource
 from ..sources.snapshots import send_source
-from . import prune, volume_name
+from . import Several, prune, volume_name
 
 IMPORT_SEP = ":|:"
 
@@ -36,21 +36,33 @@ def imports(opts):
     return wanted
 
 
-def sources(opts):
-    """(volume name, source) for every volume asked for, all opened before
-    the archive is touched, so a bad path fails the command up front."""
-    wanted = imports(opts)
-    if opts.volumes and not opts.local:
-        raise Fail("send needs --local for volume names (%s); for a plain file or device use "
-                   "--import-other-from=NAME:|:PATH" % ", ".join(opts.volumes))
-    local = [volume_name(n) for n in opts.volumes]
-    if not wanted and not local:
-        raise Fail("send: no volumes given")
-    names = [n for n, _p in wanted] + local
+def wanted(opts, archive):
+    """(volume name, function that opens its source) for every volume asked
+    for: --import-other-from, the names given, and with --all every archive
+    volume found in --local; less --volex."""
+    extra, local = imports(opts), [volume_name(n) for n in opts.volumes]
+    if (local or opts.all) and not opts.local:
+        raise Fail("send needs --local for volume names and --all; for a plain file or device use "
+                   "--import-other-from=NAME:|:PATH")
+    if opts.all:
+        local += [v["name"] for v in archive.root["volumes"] if v["name"] not in local and found(opts.local, v["name"])]
+    names = [n for n, _p in extra] + local
     if len(set(names)) != len(names):
         raise Fail("send: a volume is named twice")
-    return open_all(itertools.chain(((name, ImageSource(path)) for name, path in wanted),
-                                    ((name, send_source(opts, opts.local, name)) for name in local)))
+    chosen = [(n, lambda p=p: ImageSource(p)) for n, p in extra] + \
+        [(n, lambda n=n: send_source(opts, opts.local, n)) for n in local]
+    chosen = [(n, f) for n, f in chosen if n not in opts.volex]
+    if not chosen:
+        raise Fail("send: no volumes given" + (" (nor found in --local)" if opts.all else ""))
+    return chosen
+
+
+def found(local, name):
+    """Whether the pool ``local`` holds a volume ``name``."""
+    try:
+        return open_source(local, name, create=True).exists()
+    except Fail:
+        return False
 
 
 def session_name(archive, names):
@@ -121,7 +133,7 @@ def send_volume(archive, name, source, session, tags, opts, lost):
     # the agent's figures, only shown, kept within what they can be (a sealed chunk adds < 64 bytes)
     st["chunks_deduplicated"] = min(max(0, after[1] - before[1]), sent)
     st["bytes_stored"] = min(max(0, after[3] - before[3]), sent * (cs + 64))
-    if st["chunks_changed"] == 0 and reader.size == old_size and not opts.send_unchanged:
+    if opts.dry_run or st["chunks_changed"] == 0 and reader.size == old_size and not opts.send_unchanged:
         st["session"] = None
         return st, None
     entries = ((i, chunk_map[i]) for i in range(count) if changed[i >> 3] & (1 << (i & 7)))
@@ -134,48 +146,48 @@ def send_volume(archive, name, source, session, tags, opts, lost):
 
 
 def run(opts, app, targets=None):
-    targets = sources(opts) if targets is None else targets  # backup passes qubes' sources
+    """Send the volumes asked for (backup passes its qubes' opened sources
+    as ``targets``: one failure fails them all).  A volume that fails is
+    left out and the others are committed (doc/decisions.md)."""
     tags = parse_tags(opts.tag)
     prune.parse_apdays(opts.apdays)
-    archive = Archive(opts, app).open(write=True)
+    opened = list(targets or [])
     try:
-        if opts.autoprune not in (None, "off"):
-            autoprune(archive, opts, targets)
-        session = session_name(archive, [n for n, _s in targets])
-        lost = archive.damaged()
-        sent = [send_volume(archive, name, source, session, tags, opts, lost) for name, source in targets]
-        results, new = [st for st, _added in sent], [added for _st, added in sent if added]
-        heads = [(src, archive.volume(n)["sessions"][-1]["mac"]) for n, src in targets]
-        for src, mac in heads:
-            src.pending(mac)
-        if new:
-            archive.commit()
-            for vol, ses, chunk_map in new:
-                archive.meta.save_map(vol["id"], bytes.fromhex(ses["mac"]), chunk_map)
-        for src, mac in heads:
-            src.done(mac)
+        with Archive(opts, app).open(write=not opts.dry_run) as archive:
+            chosen = [(n, lambda s=s: s) for n, s in targets] if targets else wanted(opts, archive)
+            several = Several(opts, targets is None and len(chosen) > 1)
+            opened = several.each(chosen, lambda _n, opener: opener())
+            if opts.autoprune not in (None, "off"):  # full: always; on, min: while the destination is short of space
+                names, vols = [], [v for v in map(archive.volume, dict(opened)) if v]
+                reclaimed = prune.autoprune(archive, opts, vols, names, sum(src.size for _n, src in opened))
+                prune.report(opts, names, reclaimed, show=lambda o, text: notice(o, "autoprune: " + text))
+            session = session_name(archive, [n for n, _s in opened])
+            known, lost = {v["id"] for v in archive.root["volumes"]}, archive.damaged()
+            sent = several.each(opened, lambda name, source: send_volume(archive, name, source, session, tags, opts,
+                                                                         lost))
+            archive.root["volumes"] = [v for v in archive.root["volumes"] if v["sessions"] or v["id"] in known]
+            if not opts.dry_run:
+                commit(archive, [(dict(opened)[n], archive.volume(n), added) for n, (_st, added) in sent])
     finally:
-        archive.close()
-        for _n, src in targets:
+        for _n, src in opened:
             src.close()
-    report(opts, results)
-    return 0
+    report(opts, [st for _n, (st, _added) in sent])
+    return several.status()
 
 
-def autoprune(archive, opts, targets):
-    """Before sending: full always prunes; on and min only when the
-    destination has less space left than the volumes' sizes."""
-    if opts.autoprune != "full":
-        free = archive.free_bytes()
-        if free is None or free >= sum(src.size for _n, src in targets):
-            return
-    vols = [v for v in map(archive.volume, [n for n, _s in targets]) if v]
-    removals = prune.plan(opts, vols, by_spec=False)
-    objects, freed = prune.remove(archive, removals)
-    for vol, gone in removals:
-        notice(opts, "%s: autoprune removed %d sessions" % (vol["name"], len(gone)))
-    if removals:
-        notice(opts, "autoprune reclaimed %d objects (%s)" % (objects, size(freed)))
+def commit(archive, sent):
+    """Commit the root with the new sessions; each source's snapshot is
+    recorded as its volume's head around the commit (sources/snapshots.py)."""
+    heads = [(src, vol["sessions"][-1]["mac"]) for src, vol, _added in sent]
+    for src, mac in heads:
+        src.pending(mac)
+    new = [added for _src, _vol, added in sent if added]
+    if new:
+        archive.commit()
+        for vol, ses, chunk_map in new:
+            archive.meta.save_map(vol["id"], bytes.fromhex(ses["mac"]), chunk_map)
+    for src, mac in heads:
+        src.done(mac)
 
 
 def report(opts, results):
@@ -184,13 +196,14 @@ def report(opts, results):
         return
     for st in results:
         if st["chunks_repaired"]:
-            notice(opts, "%s: %d chunks the archive had lost stored again" % (st["volume"], st["chunks_repaired"]))
-        if st["session"] is None:
+            notice(opts, "%s: %d chunks the archive had lost %s again" % (
+                st["volume"], st["chunks_repaired"], "to store" if opts.dry_run else "stored"))
+        if st["session"] is None and not opts.dry_run:
             notice(opts, "%s: unchanged, no session recorded" % st["volume"])
             continue
-        say(opts, "%s: session %s, %d of %d chunks changed, %s sent" % (
-            st["volume"], st["session"], st["chunks_changed"], st["chunks_scanned"],
-            size(st["bytes_sent"])))
+        say(opts, "%s: %s, %d of %d chunks changed, %s %s" % (
+            st["volume"], "dry run" if opts.dry_run else "session " + st["session"], st["chunks_changed"],
+            st["chunks_scanned"], size(st["bytes_sent"]), "to send" if opts.dry_run else "sent"))
         if opts.verbose:
             print("  %s: read %d chunks (%s), sent %d, deduplicated %d, stored %s" % (
                 "incremental" if st["incremental"] else "in full", st["chunks_read"], size(st["bytes_read"]),

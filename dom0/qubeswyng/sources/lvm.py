@@ -81,6 +81,9 @@ class Volume:
         self.path = self._dev(name)
         self.size = int(info["lv_size"]) if info else None
 
+    def exists(self):
+        return self.name in self.lvs
+
     def _dev(self, lv):
         return "/dev/mapper/" + dm_name(self.vg, lv)
 

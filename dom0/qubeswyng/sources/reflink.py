@@ -216,6 +216,9 @@ class Volume:
         finally:
             os.close(fd)
 
+    def exists(self):
+        return os.path.isfile(self.path)
+
     def snapshot_name(self, archive_id, slot):
         return ".%s.qwyng-%s.%s" % (self.base, archive_id.hex()[:16], slot)
 

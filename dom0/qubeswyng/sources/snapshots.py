@@ -171,6 +171,9 @@ class SnapshotSource:
 
     def begin(self, archive, vol, chunk_map):
         cs, sessions = archive.chunk_size, vol["sessions"]
+        if self.opts.dry_run and not sessions:  # read it all, and make no state for a volume not sent
+            self.reader = self.volume.reader()
+            return self.reader, None
         self.rotation = rot = Rotation(self.volume, archive.meta, vol["id"])
         rot.chunk_size = cs
         self.head = rot.current(sessions[-1]["mac"]) if sessions else None
