@@ -1,27 +1,48 @@
 """What a Wyng user expects to work as in Wyng: send --all and --volex,
 several volumes that carry on past a failing one (exit 2), verify --all,
-dry runs, and the exit status of an authentication failure (3)."""
+dry runs, the exit status of an authentication failure (3), the archive's
+details in list, and arch-passphrase (also killed at any point)."""
 import json
 import os
+import shutil
+import time
+from pathlib import Path
 
 import pytest
 
+from conftest import PASS, Wyng
 from images import KiB, MiB, make, overwrite, tree_digests
+from qubeswyng.errors import Fail
+from qubeswyng.formats import Header
+from qubeswyng.keys import AUTH_DIR
+from qubeswyng.progress import size
 
 SYSFS_FILE = "/sys/kernel/uevent_seqnum"  # says 4096 bytes, reads a few: a source that fails mid-send
 
 
-@pytest.fixture
-def pool(wyng, tmp_path):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
     """A --local folder (ext4: no reflinks, so send reads each volume in
-    full) with volumes a, b, c, d, all sent once."""
-    folder = tmp_path / "pool"
+    full) with volumes a, b, c, d, all sent once to an archive."""
+    tmp = tmp_path_factory.mktemp("parity")
+    wyng, folder = Wyng(tmp), tmp / "pool"
     folder.mkdir()
     wyng.init("--chunk-factor=1")
     for n, name in enumerate("abcd"):
         make(folder / name, 256 * KiB, [(0, 256 * KiB, "random")], seed=n)
     wyng.run("send", "--local=%s" % folder, *"abcd")
-    return folder
+    return wyng, folder
+
+
+@pytest.fixture
+def wyng(built, tmp_path):
+    return built[0].copy(tmp_path)
+
+
+@pytest.fixture
+def pool(built, tmp_path):
+    shutil.copytree(built[1], tmp_path / "pool")
+    return tmp_path / "pool"
 
 
 def _sessions(wyng):
@@ -85,3 +106,59 @@ def test_wrong_passphrase_exits_3(wyng, pool):
     wyng.passphrase = "not it"
     done = wyng.run("--authmin=0", "verify", "a", expect=3)
     assert "wrong passphrase" in done.stderr
+
+
+def test_list_shows_the_archive_details(wyng, pool):
+    listing = json.loads(wyng.run("list", "--json").stdout)
+    assert (listing["format"], listing["chunk_size"], listing["compression"], listing["encryption"]) == (
+        1, 64 * KiB, "zstd:3", "xchacha20-poly1305")
+    assert abs(listing["created"] - time.time()) < 600 and listing["stored_bytes"] is None
+    stored = sum(p.stat().st_size for p in (wyng.archive / "chunks").rglob("*") if p.is_file())
+    assert json.loads(wyng.run("list", "--json", "-v").stdout)["stored_bytes"] == stored
+    line = wyng.run("list", "-v").stdout.splitlines()[1]
+    assert line.startswith("format 1, chunks of 64.0 KiB, zstd:3 compression, xchacha20-poly1305 encryption, "
+                           "created %s" % time.strftime("%Y-%m-%d"))
+    assert line.endswith(", %s stored" % size(stored))
+
+
+def _unlocks(wyng, passphrase):
+    header = Header.parse((wyng.archive / "header").read_bytes())
+    try:
+        header.unlock(passphrase.encode())
+    except Fail:
+        return False
+    return True
+
+
+def test_arch_passphrase_rewraps_the_key_and_touches_no_data(wyng, pool):
+    wyng.run("--authmin=5", "list")  # a cached key, which must go
+    cache = Path(AUTH_DIR) / next(wyng.meta.iterdir()).name
+    assert cache.exists()
+    before = tree_digests(wyng.archive)
+    wyng.passphrase = "wrong"
+    assert "wrong passphrase" in wyng.run("arch-passphrase", input="new one\n", expect=3).stderr
+    assert tree_digests(wyng.archive) == before
+    wyng.passphrase = PASS
+    done = wyng.run("arch-passphrase", input="the new passphrase\n")
+    assert done.stdout.startswith("the passphrase of archive ") and not cache.exists()
+    after = tree_digests(wyng.archive)
+    assert {k for k in before if before[k] != after.get(k)} == {"header"} and set(after) == set(before)
+    assert not _unlocks(wyng, PASS) and _unlocks(wyng, "the new passphrase")
+    assert wyng.run("--authmin=0", "list", expect=3)
+    wyng.passphrase = "the new passphrase"
+    wyng.run("--authmin=0", "verify", "--all")
+
+
+def test_arch_passphrase_killed_at_any_point_leaves_one_passphrase_working(wyng, pool):
+    """dom0 or the agent SIGKILLed before or after the header is replaced:
+    the old passphrase works or the new one does, never both or neither."""
+    points = [("dom0:before-header", False), ("agent:before-header", False), ("agent:after-header", True),
+              ("dom0:after-header", True)]
+    for n, (label, lands) in enumerate(points):
+        new = "new passphrase %d" % n
+        done = wyng.run("arch-passphrase", input=new + "\n", expect=None, env={"QVM_WYNG_TEST_CRASH": label})
+        assert done.returncode != 0, label
+        works = [p for p in (wyng.passphrase, new) if _unlocks(wyng, p)]
+        assert works == [new if lands else wyng.passphrase], label
+        wyng.passphrase = works[0]
+    wyng.run("--authmin=0", "verify", "--all")

@@ -202,6 +202,10 @@ class Session:
         self.archive.mark_garbage()
         self.out.send(wire.OK)
 
+    def put_header(self, payload):
+        self.archive.put_header(payload)
+        self.out.send(wire.OK)
+
     def get_free(self, _payload):
         free = self.archive.store.free_bytes()
         self.out.send(wire.OK, struct.pack(">Q", (1 << 64) - 1 if free is None else free))
@@ -229,7 +233,7 @@ HANDLERS = {
     wire.BYE: Session.bye, wire.GET_STATS: Session.get_stats, wire.SCAN: Session.scan,
     wire.MARK_GARBAGE: Session.mark_garbage, wire.GET_FREE: Session.get_free, wire.HAVE: Session.have,
     wire.GET_OBJECTS: Session.get_objects, wire.PUT_OBJECT: Session.put_object,
-    wire.GET_DAMAGED: Session.get_damaged,
+    wire.GET_DAMAGED: Session.get_damaged, wire.PUT_HEADER: Session.put_header,
 }
 
 

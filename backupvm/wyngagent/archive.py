@@ -86,6 +86,19 @@ class Archive:
             raise ArchiveError("archive header is too large")
         return data
 
+    def put_header(self, header):
+        """A new passphrase: the new header replaces the old in one atomic
+        write (temp, fsync, rename), so that exactly one of them is there
+        whenever the agent dies.  It must be the same archive's: same magic
+        and archive id (bytes 0-8 and 18-34, doc/FORMAT.md)."""
+        self.require_lock()
+        old = self.header()
+        if len(header) > MAX_HEADER or header[:8] != old[:8] or header[18:34] != old[18:34]:
+            raise ArchiveError("the new header is not this archive's")
+        point("agent:before-header")
+        self.store.write(HEADER_NAME, header, durable=True)
+        point("agent:after-header")
+
     def open(self, codec, chunk_size):
         """The storage key and settings: objects can be sealed and opened.
         As many chunks are written at once as the store wants connections,

@@ -14,7 +14,7 @@ MAX_PAYLOAD = (4 << 20) + 64  # the largest chunk (2 MiB) with room to spare
 # requests (dom0 -> agent)
 HELLO, GET_HEADER, INIT, OPEN, LOCK, UNLOCK, GET_ROOT, PUT_CHUNK, \
     PUT_MANIFEST, PUT_ROOT, GET_MANIFEST, GET_CHUNKS, BYE, GET_STATS, \
-    SCAN, MARK_GARBAGE, GET_FREE = range(1, 18)
+    SCAN, MARK_GARBAGE, GET_FREE, PUT_HEADER = range(1, 19)
 HAVE, GET_OBJECTS, PUT_OBJECT = range(19, 22)
 GET_DAMAGED = 22
 # replies (agent -> dom0)

@@ -55,7 +55,7 @@ class Archive:
         self._start(header, master)
         write_atomic(self.binding, header.archive_id.hex().encode())
         self.lock()
-        self.root = new_root(header.archive_id)
+        self.root = new_root(header.archive_id, now())
         self.commit()
 
     def open(self, write=False):
@@ -221,6 +221,13 @@ class Archive:
         ses.update(manifest=mid.hex(), mac=last[-32:].hex(), changed=count)
         point("dom0:after-manifest")
         return ses
+
+    def put_header(self, blob):
+        """Replace the header (arch-passphrase); the agent does it atomically."""
+        point("dom0:before-header")
+        self.link.send(wire.PUT_HEADER, blob)
+        self.link.reply()
+        point("dom0:after-header")
 
     def put_chunk(self, cid, data):
         if not self.opts.dry_run:

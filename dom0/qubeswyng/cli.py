@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from . import __version__, config
-from .commands import (add, arch_check, arch_copy, arch_deduplicate, arch_init, backup, browse, delete,
-                       diff, list as list_cmd, monitor, prune, receive, rename, restore, send)
+from .commands import (add, arch_check, arch_copy, arch_deduplicate, arch_init, arch_passphrase, backup, browse,
+                       delete, diff, list as list_cmd, monitor, prune, receive, rename, restore, send)
 from .errors import Fail, report
 from .formats import CIPHERS
 from .progress import notice
@@ -71,6 +71,9 @@ COMMANDS = {
                    ["dest", "session", "session-strict", "clean", "passcmd", "authmin"]),
     "arch-copy": (arch_copy.run, "", "copy the archive at --dest to --to (only what --to lacks; resumes)",
                   ["dest", "to", "passcmd", "authmin"]),
+    "arch-passphrase": (arch_passphrase.run, "", "change the archive's passphrase: asks for the old one, then "
+                        "(on a terminal twice, else one line of stdin) the new one; no data is touched",
+                        ["dest", "passcmd"]),
     "arch-deduplicate": (arch_deduplicate.run, "", "report logical against stored bytes (dedup is always on)",
                          ["dest", "json", "passcmd", "authmin"]),
     "version": (version, "", "print the version", []),

@@ -91,8 +91,9 @@ def parse_compression(spec):
 
 # -- the root -----------------------------------------------------------------
 
-def new_root(archive_id):
-    return {"format": FORMAT_VERSION, "archive": archive_id.hex(), "seq": 0, "time": 0, "volumes": []}
+def new_root(archive_id, created):
+    return {"format": FORMAT_VERSION, "archive": archive_id.hex(), "created": created, "seq": 0, "time": 0,
+            "volumes": []}
 
 
 def seal_root(keys, root):

@@ -77,8 +77,10 @@ class Keys:
 
 # -- getting the passphrase ---------------------------------------------------
 
-def read_passphrase(opts, confirm=False):
-    if opts.passcmd:
+def read_passphrase(opts, confirm=False, new=False):
+    """The passphrase from --passcmd, a terminal or a line of stdin; a
+    ``new`` one (arch-passphrase) from a terminal or stdin only."""
+    if opts.passcmd and not new:
         done = subprocess.run(opts.passcmd, shell=True, stdout=subprocess.PIPE)
         if done.returncode != 0:
             raise AuthFail("--passcmd exited with status %d" % done.returncode)
@@ -87,7 +89,7 @@ def read_passphrase(opts, confirm=False):
         if opts.unattended:
             raise AuthFail("a passphrase is needed; give --passcmd for unattended use")
         import getpass
-        secret = getpass.getpass("Passphrase: ").encode()
+        secret = getpass.getpass("New passphrase: " if new else "Passphrase: ").encode()
         if confirm and getpass.getpass("Again: ").encode() != secret:
             raise Fail("the passphrases do not match")
     else:

@@ -2,8 +2,9 @@
 import json
 import time
 
-from ..archive import Archive
+from ..archive import SCAN_SIZES, TOTAL, Archive
 from ..clock import now
+from ..formats import CIPHERS, COMPRESSIONS
 from ..progress import say, size
 from ..schedule import scheduled
 from ..settings import SETTINGS, qubes_in
@@ -14,20 +15,40 @@ def session_info(ses):
             "time": ses["time"], "tags": ses.get("tags", {})}
 
 
+def when(t):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "unknown"
+
+
+def details(archive, opts):
+    """The archive's settings (from its authenticated header), its creation
+    time (from the root; none before format notes it) and, with -v, the
+    bytes its chunks take in storage: the agent walks every manifest to
+    count them (SCAN with SIZES), a figure to show, never to trust."""
+    h, compression = archive.header, {v: k for k, v in COMPRESSIONS.items()}[archive.header.compression]
+    stored = [r[3] for r in archive.scan(SCAN_SIZES, archive.manifests()) if r[0] == TOTAL] if opts.verbose else [None]
+    return {"format": archive.root["format"], "chunk_size": h.chunk_size,
+            "compression": compression + (":%d" % h.level if h.compression else ""),
+            "encryption": {v: k for k, v in CIPHERS.items()}[h.cipher], "created": archive.root.get("created"),
+            "stored_bytes": stored[0]}
+
+
 def run(opts, app):
     with Archive(opts, app).open() as archive:
         root = archive.root
         vols = [archive.require_volume(n) for n in opts.volumes] if opts.volumes else root["volumes"]
+        about = None if opts.qubes or opts.volumes else details(archive, opts)
     if opts.qubes:
         return list_qubes(opts, root, scheduled(opts, app))
     if opts.json:
-        print(json.dumps({"archive": root["archive"], "updated": root["time"], "volumes": [
-            {"name": v["name"], "sessions": [session_info(s) for s in v["sessions"]]} for v in vols]},
+        print(json.dumps(dict(about or {}, archive=root["archive"], updated=root["time"], volumes=[
+            {"name": v["name"], "sessions": [session_info(s) for s in v["sessions"]]} for v in vols]),
             indent=1))
         return 0
     if not opts.volumes:
-        say(opts, "Archive updated %s; %d volumes" % (
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(root["time"])), len(vols)))
+        say(opts, "Archive updated %s; %d volumes" % (when(root["time"]), len(vols)))
+        say(opts, "format %d, chunks of %s, %s compression, %s encryption, created %s%s" % (
+            about["format"], size(about["chunk_size"]), about["compression"], about["encryption"],
+            when(about["created"]), ", %s stored" % size(about["stored_bytes"]) if opts.verbose else ""))
         for v in vols:
             last = v["sessions"][-1] if v["sessions"] else None
             print("%-40s %4d sessions  %s" % (v["name"], len(v["sessions"]),
