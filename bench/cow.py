@@ -15,6 +15,7 @@ first.  Results go to --out as Markdown and JSON.
     sudo python3 bench/cow.py --size 2G --verify   # smaller, and restore-check
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -104,6 +105,31 @@ def scatter(path, fraction, write_size, seed):
     return changed, len(chunks)
 
 
+@contextlib.contextmanager
+def btrfs(work, image_size, keep=False):
+    """A new folder ``work`` with a Btrfs on a loop file of ``image_size``
+    bytes mounted at work/mnt; yields the loop device.  Removed after,
+    unless ``keep``."""
+    if os.geteuid():
+        raise SystemExit("run as root (loop devices, mounts, drop_caches)")
+    if work.exists():
+        raise SystemExit("%s exists: remove it or give another --workdir" % work)
+    work.mkdir(parents=True)
+    with open(work / "btrfs.img", "wb") as f:
+        f.truncate(image_size)
+    device = sh("losetup", "--find", "--show", str(work / "btrfs.img")).strip()
+    try:
+        sh("mkfs.btrfs", "-q", "-f", device)
+        (work / "mnt").mkdir()
+        sh("mount", device, str(work / "mnt"))
+        yield device
+    finally:
+        if not keep:
+            subprocess.run(["umount", str(work / "mnt")])
+            subprocess.run(["losetup", "-d", device])
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def digest(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -122,22 +148,11 @@ def main():
     p.add_argument("--verify", action="store_true", help="restore the last session and compare it")
     p.add_argument("--keep", action="store_true", help="leave the loop file, archive and mount")
     args = p.parse_args()
-    if os.geteuid():
-        raise SystemExit("run as root (loop devices, mounts, drop_caches)")
     work = args.workdir
-    if work.exists():
-        raise SystemExit("%s exists: remove it or give another --workdir" % work)
-    work.mkdir(parents=True)
-    image, mnt = work / "btrfs.img", work / "mnt"
-    with open(image, "wb") as f:
-        f.truncate(args.size * 3)
-    device = sh("losetup", "--find", "--show", str(image)).strip()
+    mnt = work / "mnt"
     results = {"size": args.size, "change": args.change, "write_size": args.write_size,
                "kernel": os.uname().release, "cpus": os.cpu_count()}
-    try:
-        sh("mkfs.btrfs", "-q", "-f", device)
-        mnt.mkdir()
-        sh("mount", device, str(mnt))
+    with btrfs(work, args.size * 3, args.keep):
         vol = mnt / NAME
         t = time.monotonic()
         workload.make(str(vol), args.size)
@@ -161,12 +176,17 @@ def main():
             tool.run("receive", NAME, "--save-to=%s" % (work / "restored"))
             results["verified"] = digest(work / "restored") == digest(vol)
             os.unlink(work / "restored")
-    finally:
-        if not args.keep:
-            subprocess.run(["umount", str(mnt)])
-            subprocess.run(["losetup", "-d", device])
-            shutil.rmtree(work, ignore_errors=True)
     report(results, args.out)
+
+
+def save(out, name, lines, results):
+    """The report as Markdown and the figures as JSON in ``out``, stamped; the report printed."""
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / ("%s-%s.md" % (name, stamp))).write_text(text)
+    (out / ("%s-%s.json" % (name, stamp))).write_text(json.dumps(results, indent=1) + "\n")
+    print(text)
 
 
 def report(r, out):
@@ -195,12 +215,7 @@ def report(r, out):
               "- no-change send: **%.2f s** (target < 1 s)" % r["unchanged_reflink"]["seconds"]]
     if "verified" in r:
         lines.append("- the last session restored equal to the volume: **%s**" % r["verified"])
-    text = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / ("cow-%s.md" % stamp)).write_text(text)
-    (out / ("cow-%s.json" % stamp)).write_text(json.dumps(r, indent=1) + "\n")
-    print(text)
+    save(out, "cow", lines, r)
 
 
 if __name__ == "__main__":

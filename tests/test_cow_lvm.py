@@ -1,7 +1,8 @@
 """send --local=VG/POOL end to end with real lvm2 and dm-thin, in one qemu
 guest boot: thin snapshots rotated per send, thin_delta on the reserved
 metadata snapshot (pool blocks smaller and larger than a chunk), monitor,
-growth, receive into a new and over an existing volume, a kill after the
+growth, receive into a new and over an existing volume (also with
+--use-snapshot and --sparse), a kill after the
 commit, SIGTERM and SIGKILL while the metadata snapshot is held, and
 delete --clean."""
 import json
@@ -105,6 +106,16 @@ cmp /tmp/expect.img /dev/mapper/tvg-vm--work--private && echo "same over" >> "$O
 W diff vm-work-private --local=tvg/vm-pool > "$O/diff"
 send after-restore vm-work-private --local=tvg/vm-pool
 
+# Wyng's receive modes: from the snapshot of the last send (a thin snapshot of
+# it replaces the volume), then sparsely onto the volume in place
+wr tvg-vm--work--private 1M 7
+W receive vm-work-private --local=tvg/vm-pool --use-snapshot > "$O/use-snapshot"
+cmp /tmp/expect.img /dev/mapper/tvg-vm--work--private && echo "same from snapshot" >> "$O/checks"
+wr tvg-vm--work--private 64k 40
+W receive vm-work-private --local=tvg/vm-pool --sparse > "$O/sparse"
+cmp /tmp/expect.img /dev/mapper/tvg-vm--work--private && echo "same sparse" >> "$O/checks"
+lvs --noheadings -o lv_name tvg > "$O/lvs-after-modes"
+
 W delete --clean --all > /dev/null
 lvs --noheadings -o lv_name,lv_tags tvg > "$O/lvs-after-clean"
 """
@@ -156,7 +167,13 @@ def test_lvm_thin_send_rotate_monitor_receive_in_a_guest(lvm_guest):
         "data.qwyng-%s.tock" % aid, "vm-work-private.qwyng-%s.tock" % aid]
     assert result.read("checks").split("\n")[:-1] == [
         "same vm-work-private", "same data", "same vm-work-private", "same vm-work-private",
-        "same vm-work-private", "same vm-work-private", "same new data", "same over"]
+        "same vm-work-private", "same vm-work-private", "same new data", "same over", "same from snapshot",
+        "same sparse"]
+    # the snapshot holds the newest session: nothing fetched; sparsely, the one chunk written to
+    assert result.read("use-snapshot").strip().endswith(", 0 chunks)")
+    assert result.read("sparse").strip().endswith(", 1 chunks)")
+    assert "vm-work-private" in result.read("lvs-after-modes").split()
+    assert "qwyng-new" not in result.read("lvs-after-modes")
     assert result.read("lvs-received").split() == ["data", "vm-pool", "24.00m"]
     assert "exists: give --overwrite" in result.read("refused")
     assert "same as session" in result.read("diff")

@@ -31,7 +31,8 @@ COMMANDS = {
              ["dest", "local", "all", "volex", "import-other-from", "tag", "send-unchanged", "autoprune", "apdays",
               "keep", "dry-run", "json", "passcmd", "authmin"]),
     "receive": (receive.run, "VOLUME", "restore a volume's session",
-                ["dest", "local", "save-to", "overwrite", "session", "session-strict", "passcmd", "authmin"]),
+                ["dest", "local", "save-to", "overwrite", "sparse", "sparse-write", "use-snapshot", "session",
+                 "session-strict", "passcmd", "authmin"]),
     "verify": (receive.run_verify, "VOLUME|VMNAME ...|--all", "check that volumes' (or qubes') sessions restore intact",
                ["dest", "all", "volex", "session", "session-strict", "passcmd", "authmin"]),
     "list": (list_cmd.run, "[VOLUME ...]", "list the volumes, or the sessions of volumes",
@@ -71,9 +72,8 @@ COMMANDS = {
                    ["dest", "session", "session-strict", "clean", "passcmd", "authmin"]),
     "arch-copy": (arch_copy.run, "", "copy the archive at --dest to --to (only what --to lacks; resumes)",
                   ["dest", "to", "passcmd", "authmin"]),
-    "arch-passphrase": (arch_passphrase.run, "", "change the archive's passphrase: asks for the old one, then "
-                        "(on a terminal twice, else one line of stdin) the new one; no data is touched",
-                        ["dest", "passcmd"]),
+    "arch-passphrase": (arch_passphrase.run, "", "change the passphrase: asks for the old one, then for the new "
+                        "one (a terminal, or a line of stdin); no data changes", ["dest", "passcmd"]),
     "arch-deduplicate": (arch_deduplicate.run, "", "report logical against stored bytes (dedup is always on)",
                          ["dest", "json", "passcmd", "authmin"]),
     "version": (version, "", "print the version", []),
@@ -88,11 +88,10 @@ OPTIONS = {
     "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG[,...]",
                            help="the session to use (newest if not given); prune: one, every one tagged, "
                                 "or an inclusive range FIRST,LAST; arch-check: newest, or one and all older")),
-    "all": ("-a", dict(action="store_true", help="every volume (of the archive; send: those of the archive "
-                                                "found in the pool; monitor: of the pool); backup: every qube with "
-                                                "include_in_backups; restore: every qube in the archive that this "
-                                                "system lacks (force: all); delete --clean: every archive's local "
-                                                "metadata")),
+    "all": ("-a", dict(action="store_true", help="every volume (of the archive, send: that is in the pool; "
+                                                "monitor: of the pool); backup: every qube with include_in_backups; "
+                                                "restore: every qube in the archive this system lacks (force: all); "
+                                                "delete --clean: all metadata")),
     "volex": (None, dict(action="append", default=[], metavar="VOLUME",
                          help="leave this volume out (of --all, or of the volumes named); repeat for more")),
     "all-before": (None, dict(action="store_true", help="prune every session before --session")),
@@ -100,11 +99,9 @@ OPTIONS = {
                         help="never prune this session, or sessions with this tag; repeat for more")),
     "autoprune": (None, dict(choices=("off", "on", "min", "full"),
                              help="remove old sessions by age (--apdays): full all that are due; on, min 3, 1 "
-                                  "of each volume's oldest at a time, with send only while the destination is "
-                                  "short of space")),
-    "apdays": (None, dict(metavar="A:B:C:D", help="autoprune: remove every session older than A days, thin "
-                          "sessions older than B days to D per C days; 0 turns A or B off, both: autoprune "
-                          "off (default 0:62:1:2)")),
+                                  "of each volume's oldest at a time, with send while space is short")),
+    "apdays": (None, dict(metavar="A:B:C:D", help="autoprune: remove sessions older than A days, thin those older "
+                          "than B days to D per C days; A or B 0: not that, both: none (default 0:62:1:2)")),
     "dry-run": (None, dict(action="store_true", help="say what would be sent or removed; change nothing")),
     "clean": (None, dict(action="store_true", help="arch-check: remove objects no session uses; "
                                                   "delete: remove local snapshots and metadata only")),
@@ -114,6 +111,10 @@ OPTIONS = {
                          "directory on Btrfs or XFS (volume names are paths relative to it)")),
     "overwrite": (None, dict(action="store_true", help="receive --local: restore over an existing volume")),
     "save-to": (None, dict(metavar="PATH", help="receive into this file or block device")),
+    "sparse-write": (None, dict(action="store_true", help="restore over the existing volume in place, writing only "
+                                "what differs, holes or discards for zeros")),
+    "sparse": (None, dict(action="store_true", help="as --sparse-write; fetch only chunks unlike the local ones")),
+    "use-snapshot": (None, dict(action="store_true", help="--local: start from the snapshot of the last send")),
     "import-other-from": (None, dict(action="append", default=[], metavar="VOLUME:|:PATH",
                                      help="send the file or block device PATH as VOLUME (read in full)")),
     "tag": (None, dict(action="append", default=[], metavar="TAG[,DESCRIPTION]",

@@ -22,6 +22,6 @@ def report(e, debug=False, what=""):
     if given); returns its exit status."""
     if debug:
         traceback.print_exc()
-    text = e if isinstance(e, Fail) else "%s%s" % (e.strerror or e, (": %s" % e.filename) if e.filename else "")
-    print("qvm-wyng: error: %s%s" % (what and what + ": ", text), file=sys.stderr)
+    print("qvm-wyng: error: %s%s" % (what and what + ": ", e if isinstance(e, Fail) else "%s%s" % (
+        e.strerror or e, (": %s" % e.filename) if e.filename else "")), file=sys.stderr)
     return getattr(e, "status", EXIT_ERROR)

@@ -89,11 +89,12 @@ def plan(opts, vols, by_spec):
 # -- removing them -------------------------------------------------------------
 
 def remove(archive, opts, removals, names):
-    """Fold, commit, collect, after adding [(volume name, [session names])]
-    to ``names``; with --dry-run only that.  Returns (objects, bytes) the
-    collector removed.  Sessions go by name, never by a position that an
-    earlier fold changed."""
-    names += [(v["name"], gone) for v, gone in removals]
+    """Fold, commit, collect, after noting the sessions in ``names``
+    ({volume name: {session names}}); with --dry-run only that.  Returns
+    (objects, bytes) the collector removed.  Sessions go by name, never by
+    a position that an earlier fold changed."""
+    for vol, gone in removals:
+        names.setdefault(vol["name"], set()).update(gone)
     if not removals or opts.dry_run:
         return 0, 0
     archive.mark_garbage()
@@ -163,28 +164,24 @@ def autoprune(archive, opts, vols, names, needed=None):
 
 
 def report(opts, names, reclaimed, show=say):
-    merged = {}
-    for name, gone in names:  # a volume pruned in rounds, or (--dry-run) twice the same
-        merged[name] = sorted(set(merged.get(name, ())) | set(gone))
-    verb = "would remove" if opts.dry_run else "removed"
-    for name, gone in merged.items():
-        show(opts, "%s: %s %d session%s: %s" % (name, verb, len(gone), "s"[:len(gone) != 1], " ".join(gone)))
-    if merged and not opts.dry_run:
+    for name, gone in names.items():
+        show(opts, "%s: %s %d session%s: %s" % (name, "would remove" if opts.dry_run else "removed", len(gone),
+                                                "s"[:len(gone) != 1], " ".join(sorted(gone))))
+    if names and not opts.dry_run:
         show(opts, "pruned %d sessions; %d objects (%s) reclaimed" % (
-            sum(len(g) for g in merged.values()), reclaimed[0], size(reclaimed[1])))
+            sum(map(len, names.values())), reclaimed[0], size(reclaimed[1])))
 
 
 def run(opts, app):
     if not opts.session and opts.autoprune in (None, "off"):
         raise Fail("prune needs --session=SESSION[,SESSION] or --autoprune=on|min|full")
     parse_apdays(opts.apdays)
-    names = []
+    names = {}
     with Archive(opts, app).open(write=not opts.dry_run) as archive:
         vols = chosen_volumes(opts, archive)
         reclaimed = remove(archive, opts, plan(opts, vols, by_spec=True), names) if opts.session else (0, 0)
         if opts.autoprune not in (None, "off"):
-            more = autoprune(archive, opts, vols, names)
-            reclaimed = (reclaimed[0] + more[0], reclaimed[1] + more[1])
+            reclaimed = tuple(map(sum, zip(reclaimed, autoprune(archive, opts, vols, names))))
     report(opts, names, reclaimed)
     if not names:
         say(opts, "no sessions to prune")

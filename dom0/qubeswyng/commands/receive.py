@@ -6,13 +6,26 @@ keyed id before it is written.  A regular file is written to a temporary
 name beside the target and renamed into place only when all of it checked
 out, so a failed restore never leaves a file that looks complete.  A block
 device is written in place, only with chunks that checked out (never
-discarded as a whole first): a zero chunk is skipped where the device reads
-as zeros, else discarded (a thin volume stays thin) or written; a failure
-says that the device is partly overwritten.  With --local the pool gives
-the target (sources: ``receive_path``).
+discarded as a whole first); its zero chunks are left where they read as
+zeros, else discarded, and zeros written only where they still do not (a
+thin volume stays thin); a failure says that the device is partly
+overwritten.  With --local the pool gives the target (sources:
+``receive_path``).
+
+Wyng's modes restore onto the existing target, in place (an interrupted
+one leaves it part restored, and says so: run it again): --sparse-write
+writes only the chunks whose bytes differ and makes zero chunks read as
+zeros (a hole punched in a file, a discard on a device); --sparse reads
+each local chunk once and fetches only those whose keyed id differs from
+the session's; --use-snapshot (--local) starts from a copy of the
+volume's snapshot of its last send and writes only the chunks that may
+differ from it.
 """
 import contextlib
+import ctypes
 import fcntl
+import functools
+import itertools
 import os
 import secrets
 import stat
@@ -20,82 +33,115 @@ import struct
 
 from ..archive import Archive
 from ..errors import Fail
-from ..manifest import ZERO
-from ..progress import Progress, say, size
+from ..manifest import ZERO, chunk_count
+from ..progress import Progress, notice, say, size
 from ..sources import open_source
+from ..sources.snapshots import Rotation, size_runs
 from . import Several, chosen_volumes, pick_session
 
 BLKDISCARD = 0x1277
+PUNCH_HOLE = 3  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 ZEROS = bytes(1 << 22)
+LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class FileTarget:
-    """--save-to: a new or replaced regular file, or an existing block device."""
+    """--save-to or a --local volume: a new or replaced regular file, or in
+    place an existing block device (its zero chunks: ``zero``) or
+    (``in_place``) an existing file.  As a context, it is made durable
+    and ``commit`` runs, or on an error the temporary file is removed and
+    ``abort`` runs (the pool's part: ``receive_path``)."""
 
-    def __init__(self, path, size):
-        self.path = path
+    def __init__(self, path, size, in_place=False, commit=None, abort=None):
+        self.path, self.commit, self.abort, self.fd, self.temp = path, commit, abort, None, None
         try:
-            try:
-                mode = os.stat(path).st_mode
-            except FileNotFoundError:
-                mode = 0
+            mode = os.stat(path).st_mode if os.path.lexists(path) else 0
             self.device = stat.S_ISBLK(mode)
             if mode and not (self.device or stat.S_ISREG(mode)):
                 raise Fail("%s: not a regular file or block device" % path)
-            if self.device:
-                self.temp = None
-                self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-                if os.lseek(self.fd, 0, os.SEEK_END) < size:
-                    os.close(self.fd)
-                    raise Fail("%s: device is smaller than the volume (%d bytes)" % (path, size))
-            else:
-                folder, base = os.path.split(os.path.abspath(path))
-                self.temp = os.path.join(folder, ".%s.qwyng-%s" % (base, secrets.token_hex(4)))
-                self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            folder, base = os.path.split(os.path.abspath(path))
+            self.temp = None if self.device or in_place else os.path.join(
+                folder, ".%s.qwyng-%s" % (base, secrets.token_hex(4)))
+            flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if self.temp else 0)
+            self.fd = os.open(self.temp or path, flags, 0o600)
+            if not self.device:
                 os.ftruncate(self.fd, size)
-        except OSError as e:
-            raise Fail("%s: %s" % (path, e.strerror)) from None
+            elif os.lseek(self.fd, 0, os.SEEK_END) < size:
+                raise Fail("%s: device is smaller than the volume (%d bytes)" % (path, size))
+        except BaseException as e:
+            self.__exit__(e)
+            if isinstance(e, OSError):
+                raise Fail("%s: %s" % (path, e.strerror)) from None
+            raise
 
-    def write(self, offset, data):
-        if self.device and data == ZEROS[:len(data)]:
-            if os.pread(self.fd, len(data), offset) == data:
-                return
-            with contextlib.suppress(OSError):  # no discard of just this chunk: the zeros are written
-                fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("=QQ", offset, len(data)))
-                if os.pread(self.fd, len(data), offset) == data:
-                    return
+    def read(self, offset, length):
+        return os.pread(self.fd, length, offset)
+
+    def write(self, offset, data, compare=False):
+        """Write ``data`` at ``offset``; with ``compare`` only if the bytes there differ."""
+        if compare and self.read(offset, len(data)) == data:
+            return
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
 
-    def finish(self):
-        os.fsync(self.fd)
-        os.close(self.fd)
-        if self.temp:
-            os.rename(self.temp, self.path)
+    def zero(self, offset, length):
+        """Make the range read as zeros, writing as little as possible: a hole
+        punched (files) or a discard (devices), zeros written only if then
+        it still does not read as zeros."""
+        if self.read(offset, length) != ZEROS[:length]:
+            if self.device:
+                with contextlib.suppress(OSError):
+                    fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("=QQ", offset, length))
+            else:
+                LIBC.fallocate(self.fd, PUNCH_HOLE, ctypes.c_int64(offset), ctypes.c_int64(length))
+            self.write(offset, ZEROS[:length], compare=True)
 
-    def abort(self):
-        os.close(self.fd)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, failed, *_exc):
+        if not failed:
+            try:
+                os.fsync(self.fd)
+                os.close(self.fd)
+                self.fd = None
+                if self.temp:
+                    os.rename(self.temp, self.path)
+                    self.temp = None
+                if self.commit:
+                    self.commit()
+                return
+            except BaseException as e:
+                self.__exit__(e)
+                raise
+        if self.fd is not None:
+            os.close(self.fd)
         if self.temp:
             os.unlink(self.temp)
+        if self.abort:
+            self.abort()
 
 
-def restore(archive, chunk_map, total, write, opts, label, zeros_needed):
-    """Fetch and check every chunk; ``write(offset, data)`` each one."""
+def restore(archive, chunk_map, total, write, opts, label, zero=None, wanted=None):
+    """Fetch and check the chunks ``wanted(index, id, length)`` picks (all if None)
+    and ``write(offset, data)`` each; a zero chunk picked goes to
+    ``zero(offset, length)`` (None: skipped, the target reads zeros there)."""
     cs, count = archive.chunk_size, len(chunk_map)
 
-    def length(i):
-        return min(cs, total - i * cs)
-    if zeros_needed:
-        zero = bytes(cs)
+    def picked():
         for i in range(count):
-            if chunk_map[i] == ZERO:
-                write(i * cs, zero[:length(i)])
-    wanted = ((i, cid, length(i)) for i, cid in ((i, chunk_map[i]) for i in range(count)) if cid != ZERO)
+            cid, n = chunk_map[i], min(cs, total - i * cs)
+            if wanted and not wanted(i, cid, n):
+                continue
+            if cid != ZERO:
+                yield i, cid, n
+            elif zero:
+                zero(i * cs, n)
     progress = Progress(opts, label, total)
     fetched = 0
-    with contextlib.closing(archive.fetch(wanted)) as chunks:
+    with contextlib.closing(archive.fetch(picked())) as chunks:
         for index, data in chunks:
             write(index * cs, data)
             fetched += 1
@@ -104,35 +150,62 @@ def restore(archive, chunk_map, total, write, opts, label, zeros_needed):
     return fetched
 
 
+def baseline(archive, rot, vol, index):
+    """--use-snapshot: the record of the local snapshot that holds the
+    volume's newest session (sources/snapshots.py), and a test of the chunks
+    where session ``index`` may differ from it: those the record says
+    changed since, those of another size, and every chunk a later session's
+    manifest lists.  None if the pool has no such snapshot."""
+    sessions, cs = vol["sessions"], archive.chunk_size
+    rec = rot.current(sessions[-1]["mac"])
+    if rec is None:
+        return None
+    count = chunk_count(sessions[index]["size"], cs)
+    may = bytearray((count + 7) // 8)
+    listed = (i for j in range(index + 1, len(sessions)) for i, _cid in archive.read_manifest(vol, j))
+    runs = (range(a, b) for a, b in rec["changed"] + size_runs(rec["size"], sessions[index]["size"], cs))
+    for i in itertools.chain(listed, *runs):
+        if i < count:
+            may[i >> 3] |= 1 << (i & 7)
+    return rec, lambda i, _cid, _n: may[i >> 3] >> (i & 7) & 1
+
+
 def run(opts, app):
     if not opts.save_to and not opts.local:
         raise Fail("receive needs --save-to=PATH or --local=POOL")
     if len(opts.volumes) != 1:
         raise Fail("receive: name one volume")
-    with Archive(opts, app).open() as archive:
+    sparse = opts.sparse or opts.sparse_write
+    with Archive(opts, app).open() as archive, contextlib.ExitStack() as stack:
         vol = archive.require_volume(opts.volumes[0])
         index = pick_session(opts, vol)
-        ses, chunk_map = vol["sessions"][index], archive.chunk_map(vol, index)
-        path, commit, abort = opts.save_to, None, None
+        ses, chunk_map, cs = vol["sessions"][index], archive.chunk_map(vol, index), archive.chunk_size
+        path, commit, abort, base = opts.save_to, None, None, None
         if not path:
-            path, commit, abort = open_source(opts.local, vol["name"], create=True).receive_path(
-                ses["size"], opts.overwrite)
+            volume = open_source(opts.local, vol["name"], create=True)
+            if opts.use_snapshot:  # the lock keeps send and monitor from rotating it meanwhile
+                rot = stack.enter_context(contextlib.closing(Rotation(volume, archive.meta, vol["id"])))
+                base = baseline(archive, rot, vol, index)
+            path, commit, abort = volume.receive_path(ses["size"], opts.overwrite or sparse or opts.use_snapshot,
+                                                      base and base[0]["snap"])
+        in_place = bool(base) or sparse and os.path.exists(path)
+        missing = "snapshot" if opts.use_snapshot and not base else "volume" if sparse and not in_place else None
+        if missing:
+            notice(opts, "%s: no %s to start from: receiving %s" % (vol["name"], missing, "sparsely" if in_place
+                                                                    else "all of it"))
+        def differs(i, cid, n):  # --sparse: does the local chunk's keyed id differ?
+            data = target.read(i * cs, n)
+            return (ZERO if data == ZEROS[:n] else archive.keys.chunk_id(data)) != cid
+        target = FileTarget(path, ses["size"], in_place, commit, abort)
         try:
-            target = FileTarget(path, ses["size"])
-            try:
-                fetched = restore(archive, chunk_map, ses["size"], target.write, opts, vol["name"],
-                                  zeros_needed=target.device)
-                target.finish()
-            except BaseException as e:
-                target.abort()
-                if target.device and not abort and isinstance(e, (Fail, OSError)):  # written in place
-                    raise Fail("%s; %s is partly overwritten: receive it again" % (e, path)) from None
-                raise
-            if commit:
-                commit()
-        except BaseException:
-            if abort:
-                abort()
+            with target:
+                wanted = base[1] if base else differs if opts.sparse and in_place else None
+                fetched = restore(archive, chunk_map, ses["size"], functools.partial(
+                    target.write, compare=in_place and not wanted), opts, vol["name"],
+                    target.zero if target.device or in_place else None, wanted)
+        except (Fail, OSError) as e:
+            if target.temp is None and not abort:  # written in place
+                raise Fail("%s; %s is partly overwritten: receive it again" % (e, path)) from None
             raise
     say(opts, "%s: session %s received to %s (%s, %d chunks)" % (
         vol["name"], ses["name"], path if opts.save_to else "%s in %s" % (vol["name"], opts.local),
@@ -144,8 +217,7 @@ def run_verify(opts, app):
     def verify(name, vol):
         index = pick_session(opts, vol)
         ses = vol["sessions"][index]
-        fetched = restore(archive, archive.chunk_map(vol, index), ses["size"], lambda _o, _d: None, opts, name,
-                          zeros_needed=False)
+        fetched = restore(archive, archive.chunk_map(vol, index), ses["size"], lambda _o, _d: None, opts, name)
         say(opts, "%s: session %s verified (%s, %d chunks)" % (name, ses["name"], size(ses["size"]), fetched))
 
     with Archive(opts, app).open() as archive:

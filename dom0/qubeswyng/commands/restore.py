@@ -70,7 +70,7 @@ def load(opts, archive, qube, vols):
 
     def put(offset, data):
         buf[offset:offset + len(data)] = data
-    restore(archive, archive.chunk_map(svol, index), ses["size"], put, opts, svol["name"], zeros_needed=False)
+    restore(archive, archive.chunk_map(svol, index), ses["size"], put, opts, svol["name"])
     rec = settings.parse(buf, qube)
     data = []
     for name in [] if opts.settings_only else rec["volumes"]:
@@ -133,7 +133,7 @@ def run(opts, app):
             try:
                 for name, total, chunk_map, label in p.data:
                     qubes.import_volume(p.vm, name, total, lambda write: restore(
-                        archive, chunk_map, total, write, opts, label, zeros_needed=False))
+                        archive, chunk_map, total, write, opts, label))
                 qubes.finish(p.vm)
             except (Fail, OSError) as e:
                 p.failed = str(e)

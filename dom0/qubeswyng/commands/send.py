@@ -49,9 +49,8 @@ def wanted(opts, archive):
     names = [n for n, _p in extra] + local
     if len(set(names)) != len(names):
         raise Fail("send: a volume is named twice")
-    chosen = [(n, lambda p=p: ImageSource(p)) for n, p in extra] + \
-        [(n, lambda n=n: send_source(opts, opts.local, n)) for n in local]
-    chosen = [(n, f) for n, f in chosen if n not in opts.volex]
+    chosen = [(n, lambda p=p: ImageSource(p)) for n, p in extra if n not in opts.volex] + [
+        (n, lambda n=n: send_source(opts, opts.local, n)) for n in local if n not in opts.volex]
     if not chosen:
         raise Fail("send: no volumes given" + (" (nor found in --local)" if opts.all else ""))
     return chosen
@@ -67,14 +66,9 @@ def found(local, name):
 
 def session_name(archive, names):
     """YYYYMMDD-HHMMSS, local time, later than every session of these volumes."""
-    when = now()
-    latest = max((v["sessions"][-1]["name"] for v in map(archive.volume, names)
-                  if v and v["sessions"]), default="")
-    while True:
-        name = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
-        if name > latest:
-            return name, when
-        when += 1
+    latest = max((v["sessions"][-1]["name"] for v in map(archive.volume, names) if v and v["sessions"]), default="")
+    named = ((time.strftime("%Y%m%d-%H%M%S", time.localtime(t)), t) for t in itertools.count(now()))
+    return next((name, t) for name, t in named if name > latest)
 
 
 def parse_tags(specs):
@@ -158,7 +152,7 @@ def run(opts, app, targets=None):
             several = Several(opts, targets is None and len(chosen) > 1)
             opened = several.each(chosen, lambda _n, opener: opener())
             if opts.autoprune not in (None, "off"):  # full: always; on, min: while the destination is short of space
-                names, vols = [], [v for v in map(archive.volume, dict(opened)) if v]
+                names, vols = {}, [v for v in map(archive.volume, dict(opened)) if v]
                 reclaimed = prune.autoprune(archive, opts, vols, names, sum(src.size for _n, src in opened))
                 prune.report(opts, names, reclaimed, show=lambda o, text: notice(o, "autoprune: " + text))
             session = session_name(archive, [n for n, _s in opened])

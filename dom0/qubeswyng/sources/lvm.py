@@ -9,6 +9,7 @@ call goes through ``run``.
 """
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -167,32 +168,40 @@ class Volume:
         if self.lvs.pop(snap, None):
             run("lvremove", "-f", self._lv(snap))
 
-    def receive_path(self, size, overwrite):
+    def receive_path(self, size, overwrite, snap=None):
         """receive --local: an existing volume is written over in place (with
         --overwrite, and only when no one has it open), resized to the
-        session; a new one is made as ``<name>.qwyng-new`` and renamed when
-        complete.  Sizes round up to the extent size."""
+        session; a new one, or (--use-snapshot) a writable thin snapshot of
+        ``snap``, is made as ``<name>.qwyng-new`` and takes the volume's name
+        when complete (an existing volume is removed first: a kill between
+        the two leaves no volume, and receiving again restores it).  Sizes
+        round up to the extent size."""
         extent = int(self.lvs[self.pool]["vg_extent_size"])
         size = -(-max(size, 1) // extent) * extent
         info = self.lvs.get(self.name)
-        if info:
-            if not overwrite:
-                raise Fail("%s exists: give --overwrite to restore over it" % self._lv(self.name))
-            if info["lv_attr"][5:6] == "o":
-                raise Fail("%s is in use" % self._lv(self.name))
-            if int(info["lv_size"]) != size:
-                run("lvresize", "-f", "-L", "%db" % size, self._lv(self.name))
-            self.reader().close()  # activates it
-            return self.path, None, None
-        temp = self.name + ".qwyng-new"
-        if temp in self.lvs and TAG + "new" in self.lvs[temp]["lv_tags"].split(","):
-            self.remove(temp)  # left by an interrupted receive
-        run("lvcreate", "-y", "-V", "%db" % size, "-T", self.local, "-n", temp, "--addtag", TAG + "new")
+        if info and not overwrite:
+            raise Fail("%s exists: give --overwrite to restore over it" % self._lv(self.name))
+        if info and info["lv_attr"][5:6] == "o":
+            raise Fail("%s is in use" % self._lv(self.name))
+        lv, commit, abort = self.name, None, None
+        if snap or not info:
+            lv = self.name + ".qwyng-new"
+            if lv in self.lvs and TAG + "new" in self.lvs[lv]["lv_tags"].split(","):
+                self.remove(lv)  # left by an interrupted receive
+            run("lvcreate", "-y", "--addtag", TAG + "new", "-n", lv, *(
+                ("-s", "-prw", "-kn", self._lv(snap)) if snap else ("-V", "%db" % size, "-T", self.local)))
 
-        def commit():
-            run("lvrename", self.vg, temp, self.name)
-            run("lvchange", "--deltag", TAG + "new", self._lv(self.name))
-        return self._dev(temp), commit, lambda: run("lvremove", "-f", self._lv(temp))
+            def commit():
+                if info:
+                    run("lvremove", "-f", self._lv(self.name))
+                run("lvrename", self.vg, lv, self.name)
+                run("lvchange", "--deltag", TAG + "new", self._lv(self.name))
+            abort = functools.partial(run, "lvremove", "-f", self._lv(lv))
+            self.lvs = report(self.vg)
+        if int(self.lvs[lv]["lv_size"]) != size:
+            run("lvresize", "-f", "-L", "%db" % size, self._lv(lv))
+        self.reader(lv).close()  # activates it
+        return self._dev(lv), commit, abort
 
 
 def clean(local, archive_id=None):

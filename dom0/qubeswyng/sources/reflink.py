@@ -279,13 +279,21 @@ class Volume:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.dir, snap))
 
-    def receive_path(self, size, overwrite):
+    def receive_path(self, size, overwrite, snap=None):
         """receive --local: the receiver writes a temporary file beside it
-        and renames it into place; an existing file only with --overwrite."""
+        and renames it into place; an existing file only with --overwrite.
+        With ``snap`` (--use-snapshot): a writable clone of that snapshot
+        beside it, which the commit renames into place."""
         if os.path.lexists(self.path) and not overwrite:
             raise Fail("%s exists: give --overwrite to replace it" % self.path)
         os.makedirs(self.dir, exist_ok=True)
-        return self.path, None, None
+        if not snap:
+            return self.path, None, None
+        temp = os.path.join(self.dir, ".%s.qwyng-new" % self.base)
+        self.remove(temp)  # left by an interrupted receive
+        clone(os.path.join(self.dir, snap), temp)
+        os.chmod(temp, 0o600)
+        return temp, lambda: os.rename(temp, self.path), lambda: self.remove(temp)
 
 
 def clean(local, archive_id=None):
