@@ -152,8 +152,8 @@ def test_arch_passphrase_rewraps_the_key_and_touches_no_data(wyng, pool):
 def test_arch_passphrase_killed_at_any_point_leaves_one_passphrase_working(wyng, pool):
     """dom0 or the agent SIGKILLed before or after the header is replaced:
     the old passphrase works or the new one does, never both or neither."""
-    points = [("dom0:before-header", False), ("agent:before-header", False), ("agent:after-header", True),
-              ("dom0:after-header", True)]
+    points = [("dom0:before-header", False), ("agent:before-header", False), ("agent:before-rename-header", False),
+              ("agent:after-header", True), ("dom0:after-header", True)]
     for n, (label, lands) in enumerate(points):
         new = "new passphrase %d" % n
         done = wyng.run("arch-passphrase", input=new + "\n", expect=None, env={"QVM_WYNG_TEST_CRASH": label})
