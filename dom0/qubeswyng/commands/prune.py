@@ -152,10 +152,9 @@ def autoprune(archive, opts, vols, names, needed=None):
     --dry-run: the first round.  Returns the (objects, bytes) reclaimed."""
     step, reclaimed = STEP.get(opts.autoprune), (0, 0)
     while True:
-        if step and needed is not None:
-            free = archive.free_bytes()
-            if free is None or free >= needed:
-                break
+        free = archive.free_bytes() if step and needed is not None else -1  # -1: no space rule
+        if free is None or free >= (needed or 0):
+            break
         removals = [(v, gone[:step]) for v, gone in plan(opts, vols, by_spec=False)]
         reclaimed = tuple(map(sum, zip(reclaimed, remove(archive, opts, removals, names))))
         if not removals or not step or needed is None or opts.dry_run:
