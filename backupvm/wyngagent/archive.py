@@ -87,9 +87,9 @@ class Archive:
         return data
 
     def put_header(self, header):
-        """A new passphrase: the new header replaces the old in one atomic
-        write (temp, fsync, rename), so that exactly one of them is there
-        whenever the agent dies.  It must be the same archive's: same magic
+        """A new passphrase: the new header replaces the old in one atomic,
+        durable write (every store's contract), so that exactly one of them
+        is there whenever the agent dies.  It must be the same archive's: same magic
         and archive id (bytes 0-8 and 18-34, doc/FORMAT.md)."""
         self.require_lock()
         old = self.header()
