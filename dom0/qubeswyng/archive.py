@@ -41,16 +41,14 @@ class Archive:
         self.binding = os.path.join(opts.meta_dir, "destinations",
                                     hashlib.sha256(repr(parse_dest(self.dest)).encode()).hexdigest())
         self.link = wire.Link(self.transport)
-        self.link.send(wire.HELLO, struct.pack(">H", wire.PROTOCOL_VERSION), url.encode())
-        reply = self.link.reply(64)
+        reply = self.link.call(wire.HELLO, struct.pack(">H", wire.PROTOCOL_VERSION), url.encode(), limit=64)
         if len(reply) < 2 or struct.unpack(">H", reply[:2])[0] != wire.PROTOCOL_VERSION:
             raise wire.AgentError("the agent speaks another protocol version")
 
     # -- creating and opening ----------------------------------------------
     def create(self, header, passphrase):
         master = os.urandom(32)
-        self.link.send(wire.INIT, header.seal(passphrase, master))
-        self.link.reply()
+        self.link.call(wire.INIT, header.seal(passphrase, master))
         point("dom0:init-header")
         self._start(header, master)
         write_atomic(self.binding, header.archive_id.hex().encode())
@@ -103,17 +101,15 @@ class Archive:
             header.check(self.keys)
         self.chunk_size = header.chunk_size
         self.meta = Meta(self.opts.meta_dir, header.archive_id)
-        self.link.send(wire.OPEN, wire.OPEN_ARGS.pack(header.cipher, header.compression, header.level, header.chunk_size),
-                       self.keys.enc)
-        self.link.reply()
+        self.link.call(wire.OPEN, wire.OPEN_ARGS.pack(header.cipher, header.compression, header.level,
+                                                      header.chunk_size), self.keys.enc)
 
     def lock(self):
         """Take the writer lock.  The agent's reply says whose lock --force
         took over, and whether a prune or delete left garbage (returned: a
         hint, collecting it is always safe)."""
-        owner = "qvm-wyng %s" % self.opts.command
-        self.link.send(wire.LOCK, struct.pack(">IB", LOCK_TTL, bool(self.opts.force)), owner.encode())
-        reply = self.link.reply(1 + 300)
+        owner = ("qvm-wyng %s" % self.opts.command).encode()
+        reply = self.link.call(wire.LOCK, struct.pack(">IB", LOCK_TTL, bool(self.opts.force)), owner, limit=1 + 300)
         flags = reply[0] if reply else 0
         if flags & wire.LOCK_FORCED:
             notice(self.opts, "warning: --force took over the archive lock held by %s" % wire.printable(reply[1:]))
@@ -225,8 +221,7 @@ class Archive:
     def put_header(self, blob):
         """Replace the header (arch-passphrase); the agent does it atomically."""
         point("dom0:before-header")
-        self.link.send(wire.PUT_HEADER, blob)
-        self.link.reply()
+        self.link.call(wire.PUT_HEADER, blob)
         point("dom0:after-header")
 
     def put_chunk(self, cid, data):
@@ -300,8 +295,7 @@ class Archive:
         self.link.send(wire.GET_HEADER)
         op, raw = self.link.frame((wire.DATA, wire.NONE), 4096)
         if op == wire.NONE:
-            self.link.send(wire.INIT, src.raw_header)
-            self.link.reply()
+            self.link.call(wire.INIT, src.raw_header)
         self._start(src.header, src.master)
         if op == wire.DATA:
             theirs = Header.parse(raw)
@@ -324,8 +318,7 @@ class Archive:
         """Copy the objects ``ids`` this archive lacks from ``src``, sealed
         bytes as they are stored (each at most ``limit`` bytes; dom0 does
         not look inside: the agent here checks they open)."""
-        self.link.send(wire.HAVE, bytes([kind]), *ids)
-        have = self.link.reply((len(ids) + 7) // 8)
+        have = self.link.call(wire.HAVE, bytes([kind]), *ids, limit=(len(ids) + 7) // 8)
         missing = [oid for n, oid in enumerate(ids) if n // 8 >= len(have) or not have[n // 8] >> n % 8 & 1]
         src.link.send(wire.GET_OBJECTS, bytes([kind]), *missing)
         for oid in missing:
@@ -343,8 +336,7 @@ class Archive:
         """Before a change that drops references (prune, delete): the agent
         records that a collection is due, so that an interruption at any
         later moment is finished by the next writer."""
-        self.link.send(wire.MARK_GARBAGE)
-        self.link.reply()
+        self.link.call(wire.MARK_GARBAGE)
 
     def manifests(self):
         """[(volume, session index)] of every session in the archive."""
@@ -384,14 +376,12 @@ class Archive:
         """Ids of chunks the agent found missing or damaged (verify, receive,
         arch-check): send stores them again where a volume still holds them.
         A hint: a lie costs reading and sending, never trust."""
-        self.link.send(wire.GET_DAMAGED)
-        reply = self.link.reply(wire.PART)
+        reply = self.link.call(wire.GET_DAMAGED, limit=wire.PART)
         return {reply[i:i + 32] for i in range(0, len(reply) - 31, 32)}
 
     def free_bytes(self):
         """Space left at the destination as the agent sees it, or None."""
-        self.link.send(wire.GET_FREE)
-        reply = self.link.reply(8)
+        reply = self.link.call(wire.GET_FREE, limit=8)
         return struct.unpack(">Q", reply)[0] if len(reply) == 8 and reply != b"\xff" * 8 else None
 
     def agent_stats(self):
@@ -414,8 +404,7 @@ class Archive:
 
     def close(self):
         with contextlib.suppress(Fail), self.link.deadline():
-            self.link.send(wire.BYE)
-            self.link.reply()
+            self.link.call(wire.BYE)
         self.link.close()
 
 

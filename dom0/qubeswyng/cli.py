@@ -62,8 +62,7 @@ COMMANDS = {
                "authmin"]),
     "delete": (delete.run, "VOLUME ...|--clean [--all]",
                "remove volumes and all their sessions from the archive, and their local snapshots; with "
-               "--clean, remove only this "
-               "tool's local snapshots and metadata (the archive is untouched)",
+               "--clean, remove only this tool's local snapshots and metadata (the archive is untouched)",
                ["dest", "local", "clean", "all", "passcmd", "authmin"]),
     "rename": (rename.run, "OLD NEW", "rename a volume in the archive", ["dest", "passcmd", "authmin"]),
     "add": (add.run, "VOLUME ...", "add volume names without sessions", ["dest", "passcmd", "authmin"]),

@@ -25,11 +25,12 @@
   it so they never read the real one).
 - Keys mean what they mean in Wyng.  Keys Wyng ignores in the file
   (options for one run: ``session``, ``tag``, ``all``, ``force`` ...)
-  are ignored here too, with a notice, and so is
+  are ignored here too, with a notice, and so are
   ``force-allow-rollback`` and ``force-other-archive`` (accepting a
-  rolled-back or another archive must be the choice of one run).  Wyng's options
-  that mean nothing here (``dedup``: always on; ``meta-reduce`` ...) are
-  accepted with a notice.  Only a key neither tool knows is an error.
+  rolled-back or another archive must be the choice of one run).  Wyng's
+  options that mean nothing here (``dedup``: always on; ``meta-reduce``
+  ...) are accepted with a notice.  Only a key neither tool knows is an
+  error.
 """
 import argparse
 import ast

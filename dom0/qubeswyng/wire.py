@@ -20,8 +20,7 @@ HEADER = struct.Struct(">BI")
 HELLO, GET_HEADER, INIT, OPEN, LOCK, UNLOCK, GET_ROOT, PUT_CHUNK, \
     PUT_MANIFEST, PUT_ROOT, GET_MANIFEST, GET_CHUNKS, BYE, GET_STATS, \
     SCAN, MARK_GARBAGE, GET_FREE, PUT_HEADER = range(1, 19)
-HAVE, GET_OBJECTS, PUT_OBJECT = range(19, 22)
-GET_DAMAGED = 22
+HAVE, GET_OBJECTS, PUT_OBJECT, GET_DAMAGED = range(19, 23)
 OK, ERR, DATA, END, NONE = range(0x80, 0x85)
 STATS = struct.Struct(">QQQQ")
 OPEN_ARGS = struct.Struct(">BBbI")  # then K_enc[32]
@@ -107,6 +106,11 @@ class Link:
 
     def reply(self, max_len=0):
         return self.frame((OK,), max_len)[1]
+
+    def call(self, op, *parts, limit=0):
+        """A request and its OK reply (at most ``limit`` bytes)."""
+        self.send(op, *parts)
+        return self.reply(limit)
 
     def parts(self, max_total):
         """DATA* END, at most ``max_total`` bytes in all, in at most one

@@ -92,7 +92,6 @@ class Several:
 
 def confirm(opts, question):
     """Ask on a terminal unless --unattended; without one, refuse."""
-    import sys
     if opts.unattended:
         return
     if not sys.stdin.isatty():

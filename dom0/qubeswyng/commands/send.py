@@ -157,8 +157,7 @@ def run(opts, app, targets=None):
                 prune.report(opts, names, reclaimed, show=lambda o, text: notice(o, "autoprune: " + text))
             session = session_name(archive, [n for n, _s in opened])
             known, lost = {v["id"] for v in archive.root["volumes"]}, archive.damaged()
-            sent = several.each(opened, lambda name, source: send_volume(archive, name, source, session, tags, opts,
-                                                                         lost))
+            sent = several.each(opened, lambda n, src: send_volume(archive, n, src, session, tags, opts, lost))
             archive.root["volumes"] = [v for v in archive.root["volumes"] if v["sessions"] or v["id"] in known]
             if not opts.dry_run:
                 commit(archive, [(dict(opened)[n], archive.volume(n), added) for n, (_st, added) in sent])
