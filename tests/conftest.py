@@ -5,6 +5,7 @@ come first on the import path (also for the subprocesses they start), and
 ``file:`` archives run this checkout's ``qubes-rpc/wyng.Agent`` (and ``mount``
 its ``qubes-rpc/wyng.Browse``).
 """
+import atexit
 import contextlib
 import hashlib
 import itertools
@@ -32,6 +33,12 @@ os.environ["QVM_WYNG_AGENT"] = str(AGENT)
 os.environ["QVM_WYNG_BROWSE"] = str(REPO / "qubes-rpc" / "wyng.Browse")
 # never the real /etc/wyng/wyng.ini: tests that want one pass --config
 os.environ["QVM_WYNG_CONFIG"] = os.devnull
+# never the host's auth cache (/run/qubes-wyng/auth): one of this run's own
+AUTH_DIR = tempfile.mkdtemp(prefix="qwyng-auth-")
+os.environ["QVM_WYNG_TEST_AUTH_DIR"] = AUTH_DIR
+atexit.register(shutil.rmtree, AUTH_DIR, True)
+# cheap scrypt (1 MiB) for the archives tests make; test_kdf.py checks the calibrated default
+os.environ["QVM_WYNG_TEST_KDF"] = "10,8,1"
 os.environ["TZ"] = "UTC"  # session names are local time; tests choose their times in UTC
 time.tzset()
 IN_CI = os.environ.get("CI") == "true"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import AUTH_DIR
 from images import KiB, MiB, make, same, tree_digests
 
 
@@ -98,11 +99,11 @@ def test_failing_passcmd(wyng, archived):
 
 def test_the_cached_key_serves_authmin_minutes_after_its_last_use_then_is_removed(wyng, archived):
     at = int(time.time())
-    other = Path("/run/qubes-wyng/auth") / os.urandom(16).hex()   # an archive not opened again
+    other = Path(AUTH_DIR) / os.urandom(16).hex()   # an archive not opened again
     other.write_bytes(struct.pack(">d32s", at - 1, os.urandom(32)))
     wyng.run("--authmin=1", "list", env={"QVM_WYNG_TEST_NOW": str(at)})
     assert not other.exists()
-    cache = Path("/run/qubes-wyng/auth") / next(wyng.meta.glob("*/root-seen")).parent.name
+    cache = Path(AUTH_DIR) / next(wyng.meta.glob("*/root-seen")).parent.name
     assert cache.exists() and cache.stat().st_mode & 0o777 == 0o600
     wyng.run("list", "--passcmd=exit 3", env={"QVM_WYNG_TEST_NOW": str(at + 50)})  # and now until at + 110
     done = wyng.run("list", "--passcmd=exit 3", expect=None, env={"QVM_WYNG_TEST_NOW": str(at + 111)})

@@ -29,8 +29,7 @@ MAC_SIZE = 32
 class Header:
     """Archive settings, fixed at arch-init."""
 
-    def __init__(self, archive_id, cipher, compression, level, chunk_factor,
-                 kdf=K.SCRYPT_DEFAULT, salt=None):
+    def __init__(self, archive_id, cipher, compression, level, chunk_factor, kdf, salt=None):
         self.archive_id, self.cipher, self.compression = archive_id, cipher, compression
         self.level, self.chunk_factor, self.kdf = level, chunk_factor, kdf
         self.salt = salt or os.urandom(32)

@@ -13,22 +13,41 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 from .clock import now
 from .errors import AuthFail, Fail
 from .meta import write_atomic
 
-# scrypt cost: log2(N), r, p.  64 MiB and about 0.2 s here.
-SCRYPT_DEFAULT = (16, 8, 1)
 SCRYPT_MAX_MEM = 256 << 20  # a hostile header must not make dom0 allocate more
+KDF_SECONDS = 1.0
 
 
 def derive_kek(passphrase, salt, log_n, r, p):
-    if not (10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16
-            and 128 * r * (1 << log_n) <= SCRYPT_MAX_MEM and p * r <= 64):
-        raise Fail("archive header asks for scrypt parameters outside safe bounds")
-    return hashlib.scrypt(passphrase, salt=salt, n=1 << log_n, r=r, p=p,
-                          maxmem=SCRYPT_MAX_MEM + (1 << 20), dklen=64)
+    try:
+        if 10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16 and 128 * r << log_n <= SCRYPT_MAX_MEM \
+                and p * r <= 64:
+            return hashlib.scrypt(passphrase, salt=salt, n=1 << log_n, r=r, p=p,
+                                  maxmem=SCRYPT_MAX_MEM + (1 << 20), dklen=64)
+    except ValueError:  # OpenSSL refuses some combinations (N >= 2^(16r))
+        pass
+    raise Fail("archive header asks for scrypt parameters outside safe bounds")
+
+
+def kdf_params():
+    """scrypt (log2 N, r, p) for a new archive: N doubles while one pass
+    takes under half of KDF_SECONDS (and memory stays within the bound),
+    then p makes up the rest.  ``QVM_WYNG_TEST_KDF=log_n,r,p`` (tests only)
+    skips the calibration."""
+    fixed = os.environ.get("QVM_WYNG_TEST_KDF")
+    if fixed:
+        return tuple(map(int, fixed.split(",")))
+    for log_n in range(16, 19):  # 64 MiB (the old fixed cost) to SCRYPT_MAX_MEM (2^18 with r = 8)
+        start = time.perf_counter()
+        derive_kek(b"", bytes(32), log_n, 8, 1)
+        spent = time.perf_counter() - start
+        if spent >= KDF_SECONDS / 2 or 1024 << log_n >= SCRYPT_MAX_MEM:
+            return log_n, 8, max(1, min(8, round(KDF_SECONDS / spent)))
 
 
 def wrap(kek, master, bound):
@@ -105,8 +124,13 @@ AUTH_DIR = "/run/qubes-wyng/auth"
 CACHE = struct.Struct(">d32s")
 
 
+def auth_dir():
+    """AUTH_DIR; tests keep their keys apart with QVM_WYNG_TEST_AUTH_DIR."""
+    return os.environ.get("QVM_WYNG_TEST_AUTH_DIR") or AUTH_DIR
+
+
 def cached_master(archive_id, authmin):
-    path = os.path.join(AUTH_DIR, archive_id.hex())
+    path = os.path.join(auth_dir(), archive_id.hex())
     if authmin <= 0:
         if authmin < 0 and os.path.exists(path):
             os.unlink(path)
@@ -134,7 +158,7 @@ def store_master(archive_id, master, authmin):
     """Cache the key for ``authmin`` minutes, and delete the expired keys of
     every archive, also of those not opened again."""
     if authmin > 0:
-        write_atomic(os.path.join(AUTH_DIR, archive_id.hex()), CACHE.pack(now() + authmin * 60, master))
-    for name in os.listdir(AUTH_DIR):
+        write_atomic(os.path.join(auth_dir(), archive_id.hex()), CACHE.pack(now() + authmin * 60, master))
+    for name in os.listdir(auth_dir()):
         if not name.endswith(".new"):  # another command's key being written
-            _read_cache(os.path.join(AUTH_DIR, name))
+            _read_cache(os.path.join(auth_dir(), name))
