@@ -20,7 +20,7 @@ OPEN = struct.Struct(">BBbI")  # cipher, compression, level, chunk size
 CHUNK_ID = 32
 MANIFEST_ID = 16
 MAX_CHUNK = 2 << 20
-SCAN_ITEM = struct.Struct(">16sI")  # manifest name, group
+SCAN_ITEM = struct.Struct(">16s16sI")  # manifest name, the first half of its MAC (the root's record), group
 OBJECT_ID = {CHUNK: CHUNK_ID, MANIFEST: MANIFEST_ID}  # id length of each kind
 MAX_URL = 4096
 BEFORE_OPEN = {wire.HELLO, wire.GET_HEADER, wire.INIT, wire.OPEN, wire.BYE}
@@ -194,7 +194,7 @@ class Session:
         if mode & CLEAN:
             self.archive.require_lock()
         items = list(SCAN_ITEM.iter_unpack(payload[5:]))
-        for record in Scan(self.archive, mode, [m for m, _g in items], [g for _m, g in items]).run():
+        for record in Scan(self.archive, mode, [(m, mac) for m, mac, _g in items], [g for _m, _a, g in items]).run():
             self.out.send(wire.DATA, record)
         self.out.send(wire.END)
 

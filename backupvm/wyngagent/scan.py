@@ -8,7 +8,11 @@ id's first byte (chunk folders are cut the same way).  Pass 2 takes one
 bucket at a time, in slices of at most SLICE records (split by the id's
 second byte when a bucket is larger), sorts the slice and walks it beside
 the matching chunk folder: an id without an object is missing, an object
-without a record is unused.
+without a record is unused.  Unused chunks are removed (CLEAN) only after
+the walk, and only if every manifest ended in the MAC the root records for
+it (dom0 sends its first 16 bytes) and every chunk they list is there:
+otherwise the lists themselves may be wrong, and nothing at all is removed
+(no unused manifest or leftover either).
 """
 import contextlib
 import fcntl
@@ -54,17 +58,23 @@ class Scan:
     def run(self):
         with scratch() as tmp:
             counts = self._distribute(tmp)
-            # a manifest that cannot be read may use any object: delete nothing then
-            self.may_delete = self.mode & CLEAN and self.mode & WHOLE and not self.bad
-            for b in range(256):
-                if self.mode & CLEAN:  # a writer that lost the lock deletes nothing more
+            with open(os.path.join(tmp, "unused"), "w+b") as self.unused_ids:
+                for b in range(256):
+                    if self.mode & CLEAN:  # a writer that lost the lock deletes nothing more
+                        self.archive.lease.confirm()
+                    self._bucket(os.path.join(tmp, "%02x" % b), b, counts[b])
+                    if b == 127:
+                        point("agent:scan-half")
+                self.openers.drain()
+                self.deleters.drain()
+                self.archive.note_damaged(self.lost)
+                # a manifest that cannot be read, or is not the one the root names, may list
+                # any object, and a listed chunk that is missing may be a damaged id: then
+                # remove nothing at all
+                self.may_delete = self.mode & CLEAN and self.mode & WHOLE and not self.bad and not any(self.missing)
+                if self.may_delete:
                     self.archive.lease.confirm()
-                self._bucket(os.path.join(tmp, "%02x" % b), b, counts[b])
-                if b == 127:
-                    point("agent:scan-half")
-        self.openers.drain()
-        self.deleters.drain()
-        self.archive.note_damaged(self.lost)
+                    self._remove_unused()
         if self.mode & WHOLE:
             self._manifests_and_leftovers()
         if self.may_delete:
@@ -79,10 +89,10 @@ class Scan:
         files = [open(os.path.join(tmp, "%02x" % b), "wb", buffering=1 << 15) for b in range(256)]
         counts = [0] * 256
         try:
-            for n, mid in enumerate(self.manifests):
+            for n, (mid, mac) in enumerate(self.manifests):
                 number = struct.pack(">I", n)
                 try:
-                    for cid in self._ids(mid):
+                    for cid in self._ids(mid, mac):
                         files[cid[0]].write(cid + number)
                         counts[cid[0]] += 1
                 except (ArchiveError, ObjectError):
@@ -92,8 +102,11 @@ class Scan:
                 f.close()
         return counts
 
-    def _ids(self, mid):
-        """The non-zero chunk ids a manifest lists (layout: doc/FORMAT.md)."""
+    def _ids(self, mid, mac):
+        """The non-zero chunk ids a manifest lists (layout: doc/FORMAT.md);
+        its MAC must begin with ``mac`` (dom0's record), so that another
+        manifest in its place (an older one, another archive's: the agent
+        cannot check a MAC, but can compare it) is not taken for it."""
         buf, count, seen = bytearray(), None, 0
         for part in self.archive.get_manifest(mid):
             buf += part
@@ -108,8 +121,8 @@ class Scan:
                     yield cid
             del buf[:whole]
             seen += whole // ENTRY.size
-        if count is None or seen != count or len(buf) != MAC:
-            raise ObjectError("manifest %s is malformed" % mid.hex())
+        if count is None or seen != count or len(buf) != MAC or bytes(buf[:len(mac)]) != mac:
+            raise ObjectError("manifest %s is malformed, or not the one the root names" % mid.hex())
 
     # -- pass 2 ------------------------------------------------------------
     def _bucket(self, path, b, count):
@@ -205,20 +218,26 @@ class Scan:
                 self._lost(cid, users, self.damaged)
 
     def _unused(self, cid):
-        self.deleters.submit(self._drop, chunk_name(cid))
+        self.unused_ids.write(cid)
+        self.deleters.submit(self._count, chunk_name(cid), self.unused)
 
-    def _drop(self, name):
-        """On a worker thread: count an unused chunk, remove it if allowed."""
+    def _count(self, name, figures, remove=False):
+        """On a worker thread: add an unused chunk to ``figures`` (count,
+        bytes), removing it first if asked."""
         size = self.store.size(name) or 0
-        if self.may_delete:
+        if remove:
             self.archive.lease.valid()
             self.store.delete(name)
         with self.deleters.mutex:
-            self.unused[0] += 1
-            self.unused[1] += size
-            if self.may_delete:
-                self.removed[0] += 1
-                self.removed[1] += size
+            figures[0] += 1
+            figures[1] += size
+
+    def _remove_unused(self):
+        self.unused_ids.seek(0)
+        for block in iter(lambda: self.unused_ids.read(32 << 12), b""):
+            for i in range(0, len(block), 32):
+                self.deleters.submit(self._count, chunk_name(block[i:i + 32]), self.removed, True)
+        self.deleters.drain()
 
     def _leftover(self, name):
         self.leftovers += 1
@@ -232,7 +251,7 @@ class Scan:
         self.removed[0] += 1
 
     def _manifests_and_leftovers(self):
-        live = {manifest_name(mid) for mid in self.manifests}
+        live = {manifest_name(mid) for mid, _mac in self.manifests}
         for name in list(self.store.list("manifests")):
             if TMP in name:
                 self._leftover(name)

@@ -24,7 +24,7 @@ from .progress import notice
 from .transport import parse_dest, start
 
 LOCK_TTL = 120
-MAX_SCAN = 200000  # manifests in one SCAN request (4 MiB frames)
+MAX_SCAN = 110000  # manifests in one SCAN request (36-byte items in a 4 MiB frame)
 FETCH_BATCH = 256
 AHEAD = 8  # chunks whose ids a worker thread computes ahead of their use
 # SCAN modes and record kinds (doc/PROTOCOL.md)
@@ -350,7 +350,8 @@ class Archive:
         if len(items) > MAX_SCAN:
             raise Fail("the archive has more than %d sessions: prune some first" % MAX_SCAN)
         self.link.send(wire.SCAN, struct.pack(">BI", mode, len(items)), b"".join(
-            wire.SCAN_ITEM.pack(bytes.fromhex(v["sessions"][i]["manifest"]), g) for (v, i), g in zip(items, groups)))
+            wire.SCAN_ITEM.pack(*(bytes.fromhex(v["sessions"][i][k][:32]) for k in ("manifest", "mac")), g)
+            for (v, i), g in zip(items, groups)))  # the name, the first half of the MAC
         records, limit = [], 3 * len(items) + max(groups, default=0) + 16
         while True:
             op, data = self.link.frame((wire.DATA, wire.END), wire.SCAN_RECORD.size)
@@ -366,9 +367,10 @@ class Archive:
         records = self.scan(SCAN_WHOLE | SCAN_CLEAN, self.manifests())
         kinds = {r[0] for r in records}
         if BAD_MANIFEST in kinds:
-            notice(self.opts, "warning: a manifest cannot be read, so nothing was removed: run arch-check")
+            notice(self.opts, "warning: a manifest cannot be read, or is not the one the root names, so nothing "
+                   "was removed: run arch-check")
         elif MISSING in kinds:
-            notice(self.opts, "warning: chunks that sessions use are missing: run arch-check")
+            notice(self.opts, "warning: chunks that sessions use are missing, so nothing was removed: run arch-check")
         removed = [r for r in records if r[0] == REMOVED]
         return (removed[0][2], removed[0][3]) if removed else (0, 0)
 
