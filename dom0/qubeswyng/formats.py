@@ -103,11 +103,31 @@ def seal_root(keys, root):
 
 
 def open_root(keys, blob, archive_id):
-    """The root dict from agent bytes, after its MAC and archive id match."""
+    """The root dict from agent bytes, after its MAC and archive id match,
+    in the shape the commands use (only dom0 can sign one, but a key
+    misused elsewhere must not turn into a traceback)."""
     body, mac = blob[:-MAC_SIZE], blob[-MAC_SIZE:]
     if len(blob) <= MAC_SIZE or not keys.check(ROOT_LABEL, body, mac):
         raise AuthFail("the archive root fails authentication: it was altered, or is not this archive's")
-    root = json.loads(body)
+    try:
+        root = json.loads(body)
+        good = _int(root["seq"]) and _int(root["time"]) and _int(root.get("created", 0)) and all(
+            _hex(v["id"], 32) and isinstance(v["name"], str) and all(
+                isinstance(s["name"], str) and _int(s["time"]) and _int(s["size"]) and _int(s.get("changed", 0))
+                and _hex(s["manifest"], 32) and _hex(s["mac"], 64) and isinstance(s.get("tags", {}), dict)
+                for s in v["sessions"]) for v in root["volumes"])
+    except (ValueError, RecursionError, TypeError, KeyError, AttributeError):
+        good = False
+    if not good:
+        raise Fail("the archive root is malformed")
     if root.get("archive") != archive_id.hex() or root.get("format") != FORMAT_VERSION:
         raise AuthFail("the archive root belongs to another archive")
     return root, mac
+
+
+def _int(value):
+    return type(value) is int and 0 <= value < 1 << 53
+
+
+def _hex(value, length):
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)

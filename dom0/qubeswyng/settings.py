@@ -92,7 +92,8 @@ def parse(data, name):
     """The record of qube ``name`` from its authenticated bytes, checked."""
     try:
         record = json.loads(bytes(data).decode("utf-8"))
-    except ValueError:
+        encode(record)  # JSON escapes can make lone surrogates, which are not UTF-8
+    except (ValueError, RecursionError):
         raise Fail("the settings record of %s is refused: not UTF-8 JSON" % name) from None
     return check(record, name)
 
@@ -128,8 +129,8 @@ def check(rec, name):
     need(all(_text(r, 4096) and r.isascii() and r.isprintable() and r for r in rec["firewall"]), "a firewall rule")
     need(_text(rec["notes"], MAX_NOTES), "notes")
     vols = rec["volumes"]
-    need(isinstance(vols, list) and len(set(vols)) == len(vols) <= 16
-         and all(isinstance(v, str) and VOLUME.match(v) and v != SETTINGS for v in vols), "volumes")
+    need(isinstance(vols, list) and all(isinstance(v, str) and VOLUME.match(v) and v != SETTINGS for v in vols)
+         and len(set(vols)) == len(vols) <= 16, "volumes")
     devs = rec["devices"]
     need(isinstance(devs, list) and len(devs) <= 256 and all(
         isinstance(d, dict) and set(d) == {"class", "backend", "port", "device", "mode", "options"} and
