@@ -143,7 +143,8 @@ OPTIONS = {
     "settings-only": (None, dict(action="store_true", help="restore: settings, not volume data")),
     "data-only": (None, dict(action="store_true", help="restore: volume data into existing qubes, not settings")),
     "force": (None, dict(action="store_true", help="take over an archive lock held by another writer; "
-                                                   "restore: overwrite existing (halted) qubes")),
+                                                   "restore: overwrite existing (halted) qubes; receive: "
+                                                   "replace a --save-to that holds data without asking")),
     "force-allow-rollback": (None, dict(action="store_true",
                                         help="accept an archive older than the one seen last")),
     "force-other-archive": (None, dict(action="store_true", help="accept that --dest holds another archive "

@@ -19,7 +19,10 @@ zeros (a hole punched in a file, a discard on a device); --sparse reads
 each local chunk once and fetches only those whose keyed id differs from
 the session's; --use-snapshot (--local) starts from a copy of the
 volume's snapshot of its last send and writes only the chunks that may
-differ from it.
+differ from it.  Over data (a file that is not empty, a device not all
+zeros in its first MiB, an existing --local volume for the in-place modes)
+receive goes on only after a yes on the terminal, or with --force
+(``consent``).
 """
 import contextlib
 import ctypes
@@ -30,6 +33,7 @@ import os
 import secrets
 import stat
 import struct
+import sys
 
 from ..archive import Archive
 from ..errors import Fail
@@ -37,7 +41,7 @@ from ..manifest import ZERO, chunk_count
 from ..progress import Progress, notice, say, size
 from ..sources import open_source
 from ..sources.snapshots import Rotation, size_runs
-from . import Several, chosen_volumes, pick_session
+from . import Several, chosen_volumes, confirm, pick_session
 
 BLKDISCARD = 0x1277
 PUNCH_HOLE = 3  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -170,12 +174,34 @@ def baseline(archive, rot, vol, index):
     return rec, lambda i, _cid, _n: may[i >> 3] >> (i & 7) & 1
 
 
+def consent(opts, what):
+    """Replacing data asks first on a terminal, or needs --force."""
+    if not opts.force:
+        if opts.unattended or not sys.stdin.isatty():
+            raise Fail("%s: --force replaces it" % what)
+        confirm(opts, "%s. Replace it?" % what)
+
+
+def check_target(opts, path):
+    """--save-to over data: a file that is not empty, a device not all zeros in its first MiB."""
+    mode = os.stat(path).st_mode if os.path.exists(path) else 0
+    if stat.S_ISBLK(mode):
+        with open(path, "rb") as f:
+            data = bool(f.read(1 << 20).strip(b"\0"))
+    else:
+        data = stat.S_ISREG(mode) and os.path.getsize(path) > 0
+    if data:
+        consent(opts, "%s holds data" % path)
+
+
 def run(opts, app):
     if not opts.save_to and not opts.local:
         raise Fail("receive needs --save-to=PATH or --local=POOL")
     if len(opts.volumes) != 1:
         raise Fail("receive: name one volume")
     sparse = opts.sparse or opts.sparse_write
+    if opts.save_to:
+        check_target(opts, opts.save_to)
     with Archive(opts, app).open() as archive, contextlib.ExitStack() as stack:
         vol = archive.require_volume(opts.volumes[0])
         index = pick_session(opts, vol)
@@ -183,6 +209,8 @@ def run(opts, app):
         path, commit, abort, base = opts.save_to, None, None, None
         if not path:
             volume = open_source(opts.local, vol["name"], create=True)
+            if (sparse or opts.use_snapshot) and not opts.overwrite and volume.exists():  # in place: over data
+                consent(opts, "%s exists in %s" % (vol["name"], opts.local))
             if opts.use_snapshot:  # the lock keeps send and monitor from rotating it meanwhile
                 rot = stack.enter_context(contextlib.closing(Rotation(volume, archive.meta, vol["id"])))
                 base = baseline(archive, rot, vol, index)
