@@ -129,6 +129,21 @@ def test_older_root_is_a_rollback(wyng, tmp_path):
     assert len(wyng.sessions("vol")) == 1
 
 
+def test_first_contact_says_what_it_trusts(wyng, tmp_path):
+    """A dom0 with no record of the archive (a new install restoring after
+    a disaster) cannot detect a rollback: it says so, with the root's number
+    and the newest session, once; from then on it remembers the root."""
+    _two_sessions(wyng, tmp_path)
+    newest = wyng.sessions("vol")[-1]
+    shutil.rmtree(wyng.meta)
+    done = wyng.run("list")
+    assert done.stderr == ("first contact: dom0 has no earlier root of this archive to check it against; "
+                           "trusting root #3, newest session %s\n" % newest)
+    assert "vol" in done.stdout
+    assert wyng.run("list").stderr == ""
+    assert wyng.run("list", "-q", "--meta-dir=%s" % (tmp_path / "other")).stderr == ""  # -q: errors only
+
+
 def test_root_from_another_archive_is_refused(wyng, tmp_path):
     _two_sessions(wyng, tmp_path)
     other = type(wyng)(tmp_path / "other")

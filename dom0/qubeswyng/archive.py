@@ -134,6 +134,10 @@ class Archive:
             raise Fail("the archive has no root: it is damaged, or arch-init was interrupted")
         self.root, mac = found
         seen = self.meta.last_seen()
+        if not seen:  # a new dom0, or one restoring after a disaster: say what it trusts
+            newest = max((s["name"] for v in self.root["volumes"] for s in v["sessions"]), default="(none)")
+            notice(self.opts, "first contact: dom0 has no earlier root of this archive to check it against; "
+                   "trusting root #%d, newest session %s" % (self.root["seq"], newest))
         if seen and not self.opts.force_allow_rollback:
             if self.root["seq"] < seen[0]:
                 raise Fail("the archive was rolled back: its root is #%d, but #%d was seen before "
