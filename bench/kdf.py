@@ -37,8 +37,8 @@ def main():
     calibration = time.perf_counter() - start
     for label, (log_n, r, par) in (("qubes-wyng (calibrated)", ours), ("Wyng 0.8", (19, 8, 1)),
                                    ("qubes-wyng before", (16, 8, 1))):
-        print("%-24s N=2^%d r=%d p=%d: %4d MiB, %.2f s" % (label, log_n, r, par, 128 * r << log_n >> 20,
-                                                          seconds(log_n, r, par, opts.repeat)))
+        spent = seconds(log_n, r, par, opts.repeat)
+        print("%-24s N=2^%d r=%d p=%d: %4d MiB, %.2f s" % (label, log_n, r, par, 128 * r << log_n >> 20, spent))
     print("calibration took %.2f s" % calibration)
 
 

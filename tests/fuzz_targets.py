@@ -467,7 +467,6 @@ class StoredObject(Target):
         self.codecs = {(c, z): objects.Codec(c, z, 3 if z else 0, key) for c in (0, 1) for z in range(4)}
 
     def run(self, data):
-        o = self.o
         if not data:
             return
         flags, body = data[0], data[1:]
@@ -504,7 +503,7 @@ class StoredObject(Target):
         import zlib
 
         import zstandard
-        o, out = self.o, []
+        out = []
         text = b"qubes volume chunk " * 30
         for cipher in (0, 1):
             for z, packed in enumerate((text, zstandard.ZstdCompressor().compress(text), zlib.compress(text),

@@ -1,8 +1,8 @@
 """The fuzz targets (tests/fuzz_targets.py) in CI: a short, seeded atheris
 pass of each, and the inputs fuzzing found that once crashed a parser, kept
 as regression tests.  The long runs are bench/fuzz.py's."""
+import importlib.util
 import json
-import struct
 import subprocess
 import sys
 
@@ -17,10 +17,7 @@ RUNS = 20000  # a few seconds a target here; bench/fuzz.py --runs 1000000 for th
 
 @pytest.mark.parametrize("target", list(fuzz_targets.TARGETS))
 def test_short_seeded_fuzzing_finds_no_crash(target, tmp_path):
-    try:
-        import atheris  # noqa: F401
-    except ImportError:
-        need(False, "atheris (ci/requirements-test.txt)")
+    need(importlib.util.find_spec("atheris"), "atheris (ci/requirements-test.txt)")
     done = subprocess.run([sys.executable, str(REPO / "bench" / "fuzz.py"), "--targets", target, "--runs", str(RUNS),
                            "--seconds", "30", "--seed", "11", "--no-coverage", "--work", str(tmp_path),
                            "--json", str(tmp_path / "result.json")], capture_output=True, text=True, timeout=300)
@@ -93,7 +90,6 @@ def test_planted_lock_file_is_read_defensively_by_the_agent(lock, force):
     the agent with a traceback (AttributeError, OverflowError, ValueError);
     the lease that replaced the lock code reads them defensively too."""
     _run("lock-file", bytes([force | 4 << 3]) + lock)
-
 
 
 # -- structured inputs (hypothesis): JSON of every shape in every field ----------------------------
