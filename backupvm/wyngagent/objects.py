@@ -113,15 +113,15 @@ class Codec:
     def open_stream(self, name, source, max_part):
         """Yield the plaintext segments of an object read from ``source``
         (anything with read(n)); each is at most ``max_part`` bytes."""
-        if _exact(source, 5) != MAGIC + bytes([self.cipher]):
+        if _exact(source, 5, name) != MAGIC + bytes([self.cipher]):
             raise ObjectError("%s: not an object of this archive" % name)
         index = 0
         while True:
-            (word,) = SEGMENT.unpack(_exact(source, 4))
+            (word,) = SEGMENT.unpack(_exact(source, 4, name))
             last, length = bool(word & LAST), word & ~LAST
             if length > MAX_SEGMENT:
                 raise ObjectError("%s: segment too large" % name)
-            yield self._open_segment(name, index, last, _exact(source, length), max_part)
+            yield self._open_segment(name, index, last, _exact(source, length, name), max_part)
             if last:
                 if source.read(1):
                     raise ObjectError("%s: data after the last segment" % name)
@@ -192,10 +192,10 @@ def _decompress(name, kind, data, limit):
     return out
 
 
-def _exact(source, n):
+def _exact(source, n, name):
     data = source.read(n)
     if len(data) != n:
-        raise ObjectError("object is truncated")
+        raise ObjectError("%s: truncated" % name)
     return data
 
 

@@ -57,24 +57,30 @@ class Archive:
         self.commit()
 
     def open(self, write=False):
-        self.link.send(wire.GET_HEADER)
-        op, self.raw_header = self.link.frame((wire.DATA, wire.NONE), 4096)
-        if op == wire.NONE:
-            raise Fail("no archive at %s" % self.dest)
-        header = Header.parse(self.raw_header)
-        opts = self.opts
-        bound = self._bound(header.archive_id)
-        master = K.cached_master(header.archive_id, opts.authmin)
-        if master is None or not bound:  # the cache serves only the archive --dest is known to hold
-            master = header.unlock(K.read_passphrase(opts))
-        self._start(header, master, check=True)
-        if not bound:
-            write_atomic(self.binding, header.archive_id.hex().encode())
-        garbage = write and self.lock()
-        self._load_root()
-        if garbage:
-            notice(opts, "finishing an interrupted prune or delete: removing what no session uses")
-            self.collect()
+        """Authenticate and read the root (``write``: under the lock); on
+        failure the connection is closed, so the agent lets the lock go."""
+        try:
+            self.link.send(wire.GET_HEADER)
+            op, self.raw_header = self.link.frame((wire.DATA, wire.NONE), 4096)
+            if op == wire.NONE:
+                raise Fail("no archive at %s" % self.dest)
+            header = Header.parse(self.raw_header)
+            opts = self.opts
+            bound = self._bound(header.archive_id)
+            master = K.cached_master(header.archive_id, opts.authmin)
+            if master is None or not bound:  # the cache serves only the archive --dest is known to hold
+                master = header.unlock(K.read_passphrase(opts))
+            self._start(header, master, check=True)
+            if not bound:
+                write_atomic(self.binding, header.archive_id.hex().encode())
+            garbage = write and self.lock()
+            self._load_root()
+            if garbage:
+                notice(opts, "finishing an interrupted prune or delete: removing what no session uses")
+                self.collect()
+        except BaseException:
+            self.close()
+            raise
         with contextlib.suppress(OSError):  # no tmpfs to remember it in: ask again next time
             K.store_master(header.archive_id, master, opts.authmin)
         return self
@@ -202,8 +208,8 @@ class Archive:
         parts = self.link.parts(limit)
         try:
             yield from manifest.read(self.keys, parts, bytes.fromhex(ses["mac"]), expect)
-        except wire.AgentError:
-            raise
+        except wire.AgentError as e:  # the link may be broken: no draining, but say which manifest
+            raise type(e)("manifest of %s: %s" % (ses["name"], e)) from None
         except Fail:
             for _part in parts:
                 pass

@@ -51,7 +51,7 @@ class Header:
     @classmethod
     def parse(cls, blob):
         if len(blob) != HEADER_SIZE or blob[:8] != HEADER_MAGIC:
-            raise Fail("the destination is not a qubes-wyng archive")
+            raise Fail("the archive header is damaged, or the destination is not a qubes-wyng archive")
         (_m, version, kdf_id, log_n, r, p, cipher, comp, level, factor,
          archive_id, salt) = HEADER_FIELDS.unpack(blob[:HEADER_FIELDS.size])
         if version != FORMAT_VERSION:
