@@ -79,7 +79,7 @@ def _link(data):
     decoder only ever calls read(n) on it) and writing to /dev/null."""
     from qubeswyng import wire
     link = wire.Link.__new__(wire.Link)
-    link.transport, link.wfd, link.rfile = _Transport(), _Devnull.fd(), io.BytesIO(data)
+    link.transport, link.name, link.wfd, link.rfile = _Transport(), "agent", _Devnull.fd(), io.BytesIO(data)
     return link
 
 
