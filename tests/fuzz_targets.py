@@ -315,7 +315,7 @@ class Root(Target):
             for ses in vol["sessions"]:
                 json.dumps(session_info(ses))
                 bytes.fromhex(ses["manifest"]), bytes.fromhex(ses["mac"])
-                assert ses["size"] >= 0 and "%s" % ses["name"]
+                assert ses["size"] >= 0 and isinstance(ses["name"], str)
 
     def seeds(self):
         body = json.dumps(_root_json(), sort_keys=True, separators=(",", ":")).encode()
