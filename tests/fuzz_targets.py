@@ -102,7 +102,7 @@ LIMITS = (0, 1, 5, 32, 300, 1000, 4096, 1 << 20)
 
 class Frames(Target):
     """wire.Link: frame, reply, parts; and the chunk frames of a fetch
-    (each checked against its keyed id)."""
+    (Archive.fetch: each checked against its keyed id)."""
     functions = ("dom0/qubeswyng/wire.py", ("printable", "Link._exact", "Link.frame", "Link.reply", "Link.parts")),
 
     def setup(self):
@@ -136,7 +136,7 @@ class Frames(Target):
             body = data[pos + 5:pos + 5 + min(length, 1 << 16)]
             batch.append((len(batch), self.keys.chunk_id(body), len(body) if op & 1 else length))
             pos += 5 + len(body)
-        for index, chunk in reader._receive(batch):
+        for index, chunk in reader.fetch(batch):
             assert self.keys.chunk_id(chunk) == batch[index][1]
 
     def seeds(self):
@@ -370,12 +370,14 @@ class Manifest(Target):
 # -- dom0: settings records --------------------------------------------------------------
 
 def _record():
-    return {"version": 1, "name": "work", "class": "AppVM", "label": "blue", "template": "fedora-40",
+    return {"version": 2, "name": "work", "class": "AppVM", "label": "blue", "template": "fedora-40",
             "properties": {"memory": 800, "netvm": "sys-firewall", "autostart": True, "kernelopts": "quiet",
                            "default_dispvm": None},
             "features": {"service.crond": "1"}, "tags": ["project-x"],
             "firewall": ["action=accept specialtarget=dns", "action=drop"], "notes": "notes\nline",
-            "volumes": ["private"]}
+            "volumes": ["private"], "devices": [{"class": "usb", "backend": "sys-usb", "port": "2-1",
+                                                 "device": "0781:5581", "mode": "auto-attach",
+                                                 "options": {"read-only": "yes"}}]}
 
 
 class Settings(Target):
@@ -521,7 +523,10 @@ class StoredObject(Target):
 class _MemoryStore:
     """The storage verbs the lock and scan code use, in memory (the fuzz
     targets need a million runs; the real stores have their own tests)."""
-    root = "/fuzz"
+    root = location = "/fuzz"
+    atomic_replace = conditional_create = True
+    needs_sync = False
+    connections = 1
 
     def __init__(self, objects):
         self.objects = dict(objects)
