@@ -70,6 +70,9 @@ class _Transport:
     def exit_note(self):
         return ""
 
+    def kill(self):
+        pass
+
     def close(self):
         pass
 

@@ -234,7 +234,7 @@ def test_failed_receive_into_a_device_keeps_what_it_did_not_reach_and_says_so(wy
     device = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True,
                             check=True).stdout.strip()
     try:
-        done = wyng.receive("vol", device, expect=None)
+        done = wyng.receive("vol", device, "--force", expect=None)  # it holds data
         with open(device, "rb") as f:
             now = f.read()
     finally:

@@ -11,8 +11,8 @@ the matching chunk folder: an id without an object is missing, an object
 without a record is unused.  Unused chunks are removed (CLEAN) only after
 the walk, and only if every manifest ended in the MAC the root records for
 it (dom0 sends its first 16 bytes) and every chunk they list is there:
-otherwise the lists themselves may be wrong, and nothing at all is removed
-(no unused manifest or leftover either).
+otherwise the lists themselves may be wrong and no chunk is removed (and
+while a manifest cannot be read or is not the root's, nothing at all).
 """
 import contextlib
 import fcntl
@@ -69,15 +69,16 @@ class Scan:
                 self.deleters.drain()
                 self.archive.note_damaged(self.lost)
                 # a manifest that cannot be read, or is not the one the root names, may list
-                # any object, and a listed chunk that is missing may be a damaged id: then
-                # remove nothing at all
-                self.may_delete = self.mode & CLEAN and self.mode & WHOLE and not self.bad and not any(self.missing)
-                if self.may_delete:
+                # any object: remove nothing at all then; a listed chunk that is missing may be
+                # a damaged id: remove no chunk then
+                self.may_delete = self.mode & CLEAN and self.mode & WHOLE and not self.bad
+                chunks = self.may_delete and not any(self.missing)
+                if chunks:
                     self.archive.lease.confirm()
                     self._remove_unused()
         if self.mode & WHOLE:
             self._manifests_and_leftovers()
-        if self.may_delete:
+        if chunks:
             self.archive.lease.confirm()
             point("agent:before-garbage-removed")
             self.store.delete(GARBAGE_NAME)

@@ -380,7 +380,7 @@ class Archive:
             notice(self.opts, "warning: a manifest cannot be read, or is not the one the root names, so nothing "
                    "was removed: run arch-check")
         elif MISSING in kinds:
-            notice(self.opts, "warning: chunks that sessions use are missing, so nothing was removed: run arch-check")
+            notice(self.opts, "warning: chunks that sessions use are missing, so no chunk was removed: run arch-check")
         removed = [r for r in records if r[0] == REMOVED]
         return (removed[0][2], removed[0][3]) if removed else (0, 0)
 
