@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PASS, Wyng
+from conftest import AUTH_DIR, PASS, Wyng
 from images import KiB, MiB, make, overwrite, tree_digests
 from qubeswyng.errors import Fail
 from qubeswyng.formats import Header
-from qubeswyng.keys import AUTH_DIR
 from qubeswyng.progress import size
 
 SYSFS_FILE = "/sys/kernel/uevent_seqnum"  # says 4096 bytes, reads a few: a source that fails mid-send

@@ -186,7 +186,8 @@ def check_target(opts, path):
     """--save-to over data: a file that is not empty, a device not all zeros in its first MiB."""
     mode = os.stat(path).st_mode if os.path.exists(path) else 0
     if stat.S_ISBLK(mode):
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: the first MiB only
             data = bool(f.read(1 << 20).strip(b"\0"))
     else:
         data = stat.S_ISREG(mode) and os.path.getsize(path) > 0
