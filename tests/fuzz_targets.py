@@ -261,7 +261,8 @@ class Header(Target):
     def seeds(self):
         F = self.formats
         good = F.Header(ARCHIVE_ID, 1, 1, 3, 3, (10, 8, 1), bytes(32)).seal(PASS, MASTER)
-        return [b"\0" + good, b"\1" + good[:F.HEADER_FIELDS.size], b"\0" + good[:-1] + b"\0"]
+        rewrapped = F.Header(ARCHIVE_ID, 1, 1, 3, 3, (17, 8, 2)).seal(PASS, MASTER)  # as arch-passphrase writes
+        return [b"\0" + good, b"\1" + good[:F.HEADER_FIELDS.size], b"\0" + good[:-1] + b"\0", b"\0" + rewrapped]
 
 
 class _CheapScrypt:

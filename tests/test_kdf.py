@@ -56,3 +56,23 @@ def test_scrypt_parameters_openssl_refuses_are_a_one_line_error(wyng):
     (wyng.archive / "header").write_bytes(bytes(header))
     done = wyng.run("--authmin=0", "list", expect=1)
     assert done.stderr == "qvm-wyng: error: archive header asks for scrypt parameters outside safe bounds\n"
+
+
+def test_arch_passphrase_calibrates_and_an_older_header_put_back_is_refused(wyng, tmp_path):
+    """arch-passphrase writes the KDF cost arch-init would (PUT_HEADER: the
+    header's one shape, so the header fuzz target covers it).  Storage that
+    puts the older header back makes the new passphrase fail in one line
+    (exit 3); a cached key still opens the archive, its settings the same."""
+    wyng.init()
+    image = make(tmp_path / "img", MiB, seed=3)
+    wyng.send("vol", image)
+    older = (wyng.archive / "header").read_bytes()
+    wyng.run("arch-passphrase", input="the new passphrase\n", env={"QVM_WYNG_TEST_KDF": "11,8,2"})
+    assert _kdf(wyng) == (11, 8, 2)
+    wyng.passphrase = "the new passphrase"
+    wyng.run("--authmin=5", "list")
+    (wyng.archive / "header").write_bytes(older)
+    done = wyng.run("--authmin=0", "list", expect=3)
+    assert done.stderr == "qvm-wyng: error: wrong passphrase (or the archive header was altered)\n"
+    wyng.run("--authmin=5", "receive", "vol", "--save-to=%s" % (tmp_path / "out"))
+    assert same(tmp_path / "out", image)
