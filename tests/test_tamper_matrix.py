@@ -10,7 +10,10 @@ back.  A cell passes when the command either
 - refused (R): exit 1 with one line ``qvm-wyng: error: …`` naming the kind
   of object (arch-check: its report of the damaged session; restore, when
   a chunk fails as the data streams: its report of the qube that failed,
-  exit 2), no traceback, nothing written to a receive or restore target; or
+  exit 2; send and verify, which carry on past a failing volume: an error
+  line per failed volume and their count, exit 2, the send's other volume
+  committed and the archive verifying), no traceback, nothing written to a
+  receive or restore target; or
 - warned (W): succeeded but named the problem (the collector keeps every
   chunk when a manifest cannot be read); or
 - was not concerned (H): succeeded with the data intact (a command that
@@ -288,7 +291,13 @@ def cell(world, kind, tamper, command):
         report = command == "arch-check" and not done.err and "problem" in done.out
         # restore reports each qube's outcome: a chunk fails while its data streams, after the qube was made
         restored = command == "restore" and re.match(r"work-r: FAILED: .*\nrestore: 0 of 1 qubes restored", done.err)
-        if not (report or restored) and not (len(lines) == 1 and lines[0].startswith("qvm-wyng: error: ")):
+        # send and verify of several volumes carry on past a failing one (exit 2): an error line per
+        # failed volume, then their count, the volumes that worked committed; an error that breaks
+        # the link to the agent ends the command there (exit 1)
+        partial = command in ("send", "verify") and lines and all(
+            line.startswith("qvm-wyng: error: ") or re.match(r"qvm-wyng: \d+ volumes failed: ", line)
+            for line in lines)
+        if not (report or restored or partial) and not (len(lines) == 1 and lines[0].startswith("qvm-wyng: error: ")):
             problems.append("not a one-line error: %r" % done.err[:300])
         elif not whole_archive and not re.search(NAMES[kind], done.err + (done.out if report else ""), re.I):
             problems.append("the error does not name the %s: %r" % (kind, (done.err or done.out)[:200]))
@@ -299,12 +308,15 @@ def cell(world, kind, tamper, command):
             problems.append("restore wrote the volume")
         if work_r:  # chunks are checked while they stream: the qube exists, its import was aborted
             world.left_qubes += 1
+        committed = partial and command == "send" and done.code == 2
+        if committed:  # the other volume's session: with the object back, the archive must verify
+            problems += _intact(world, kind, command, target, done)
         seen = (world.meta / world.archive_id / "root-seen").read_bytes()
-        if seen != world.seen:
+        if seen != world.seen and not committed:
             problems.append("dom0's root-seen changed")
         after = _tree(world.dirs["A"])  # new objects are orphans the collector removes; nothing else may change
         changed = sorted(k for k in world.tree if after.get(k) != world.tree[k])
-        if changed:
+        if changed and not (committed and changed == ["archive"]):
             problems.append("a refused command changed or removed objects: %s" % changed[:3])
     if target.exists():
         target.unlink()
