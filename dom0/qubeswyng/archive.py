@@ -389,7 +389,7 @@ class Archive:
         arch-check): send stores them again where a volume still holds them.
         A hint: a lie costs reading and sending, never trust."""
         reply = self.link.call(wire.GET_DAMAGED, limit=wire.PART)
-        return {reply[i:i + 32] for i in range(0, len(reply) - 31, 32)}
+        return {reply[i:i + 32] for i in range(0, len(reply) - 31, 32)} - {manifest.ZERO}  # zeros are never stored
 
     def free_bytes(self):
         """Space left at the destination as the agent sees it, or None."""

@@ -78,81 +78,82 @@ COMMANDS = {
     "version": (version, "", "print the version", []),
 }
 
+
+# the kinds most options are: a flag, an option with a value, a repeatable one
+def flag(text, short=None):
+    return short, dict(action="store_true", help=text)
+
+
+def value(metavar, text, **more):
+    return None, dict(metavar=metavar, help=text, **more)
+
+
+def repeat(metavar, text):
+    return None, dict(action="append", default=[], metavar=metavar, help=text)
+
+
 # option: (short form or None, argparse keywords)
 OPTIONS = {
-    "dest": (None, dict(metavar="URL", help="archive location: file:/path, ssh://[user@]host[:port]/path, "
-                        "s3://bucket/prefix, or in a backup qube qubes://VM/path, qubes-ssh://VM:user@host/path, "
-                        "qubes-s3://VM:bucket/prefix")),
-    "to": (None, dict(metavar="URL", help="arch-copy: copy the archive here (empty, or a copy; forms as --dest)")),
-    "session": (None, dict(metavar="YYYYMMDD-HHMMSS|^TAG[,...]",
-                           help="the session to use (newest if not given); prune: one, every one tagged, "
-                                "or an inclusive range FIRST,LAST; arch-check: newest, or one and all older")),
-    "all": ("-a", dict(action="store_true", help="every volume (of the archive, send: that is in the pool; "
-                                                "monitor: of the pool); backup: every qube with include_in_backups; "
-                                                "restore: every qube in the archive this system lacks (force: all); "
-                                                "delete --clean: all metadata")),
-    "volex": (None, dict(action="append", default=[], metavar="VOLUME",
-                         help="leave this volume out (of --all, or of the volumes named); repeat for more")),
-    "all-before": (None, dict(action="store_true", help="prune every session before --session")),
-    "keep": (None, dict(action="append", default=[], metavar="YYYYMMDD-HHMMSS|^TAG",
-                        help="never prune this session, or sessions with this tag; repeat for more")),
+    "dest": value("URL", "archive location: file:/path, ssh://[user@]host[:port]/path, s3://bucket/prefix, or in a "
+                  "backup qube qubes://VM/path, qubes-ssh://VM:user@host/path, qubes-s3://VM:bucket/prefix"),
+    "to": value("URL", "arch-copy: copy the archive here (empty, or a copy; forms as --dest)"),
+    "session": value("YYYYMMDD-HHMMSS|^TAG[,...]", "the session to use (newest if not given); prune: one, every one "
+                     "tagged, or an inclusive range FIRST,LAST; arch-check: newest, or one and all older"),
+    "all": flag("every volume (of the archive, send: that is in the pool; monitor: of the pool); backup: every qube "
+                "with include_in_backups; restore: every qube in the archive this system lacks (force: all); "
+                "delete --clean: all metadata", "-a"),
+    "volex": repeat("VOLUME", "leave this volume out (of --all, or of the volumes named); repeat for more"),
+    "all-before": flag("prune every session before --session"),
+    "keep": repeat("YYYYMMDD-HHMMSS|^TAG", "never prune this session, or sessions with this tag; repeat for more"),
     "autoprune": (None, dict(choices=("off", "on", "min", "full"),
                              help="remove old sessions by age (--apdays): full all that are due; on, min 3, 1 "
                                   "of each volume's oldest at a time, with send while space is short")),
-    "apdays": (None, dict(metavar="A:B:C:D", help="autoprune: remove sessions older than A days, thin those older "
-                          "than B days to D per C days; A or B 0: not that, both: none (default 0:62:1:2)")),
-    "dry-run": (None, dict(action="store_true", help="say what would be sent or removed; change nothing")),
-    "clean": (None, dict(action="store_true", help="arch-check: remove objects no session uses; "
-                                                  "delete: remove local snapshots and metadata only")),
+    "apdays": value("A:B:C:D", "autoprune: remove sessions older than A days, thin those older than B days to D per "
+                    "C days; A or B 0: not that, both: none (default 0:62:1:2)"),
+    "dry-run": flag("say what would be sent or removed; change nothing"),
+    "clean": flag("arch-check: remove objects no session uses; delete: remove local snapshots and metadata only"),
     "session-strict": (None, dict(choices=("on", "off"), default="on",
                                   help="off: take the next older session when --session does not match")),
-    "local": (None, dict(metavar="VG/POOL|/DIR", help="the pool volumes live in: an LVM thin pool, or a "
-                         "directory on Btrfs or XFS (volume names are paths relative to it)")),
-    "overwrite": (None, dict(action="store_true", help="receive --local: restore over an existing volume")),
-    "save-to": (None, dict(metavar="PATH", help="receive into this file or block device")),
-    "sparse-write": (None, dict(action="store_true", help="restore over the existing volume in place, writing only "
-                                "what differs, holes or discards for zeros")),
-    "sparse": (None, dict(action="store_true", help="as --sparse-write; fetch only chunks unlike the local ones")),
-    "use-snapshot": (None, dict(action="store_true", help="--local: start from the snapshot of the last send")),
-    "import-other-from": (None, dict(action="append", default=[], metavar="VOLUME:|:PATH",
-                                     help="send the file or block device PATH as VOLUME (read in full)")),
-    "tag": (None, dict(action="append", default=[], metavar="TAG[,DESCRIPTION]",
-                       help="tag the new session; repeat for more tags")),
-    "send-unchanged": (None, dict(action="store_true", help="record a session for unchanged volumes too")),
-    "encrypt": (None, dict(default="xchacha20-poly1305", choices=CIPHERS, metavar="CIPHER",
-                           help="xchacha20-poly1305 (default) or off (MACs stay on)")),
-    "compression": (None, dict(default="zstd:3", metavar="TYPE[:LEVEL]",
-                               help="zstd[:1-22] (default zstd:3), zlib[:0-9], bz2[:1-9] or off")),
-    "hashtype": (None, dict(default="hmac-sha256", choices=("hmac-sha256",), metavar="HASH",
-                            help="chunk id hash: hmac-sha256")),
-    "chunk-factor": (None, dict(type=int, default=3, choices=range(1, 7), metavar="N",
-                                help="chunk size 64 KiB * 2^(N-1), N = 1..6 (default 3: 256 KiB)")),
-    "passcmd": (None, dict(metavar="COMMAND", help="shell command that prints the passphrase")),
-    "authmin": (None, dict(type=int, default=2, metavar="MINUTES",
-                           help="remember the passphrase this long (default 2; 0 off; -1 forgets)")),
-    "unattended": ("-u", dict(action="store_true", help="never prompt")),
-    "meta-dir": (None, dict(default=META_DIR, metavar="PATH", help="dom0 metadata folder (%s)" % META_DIR)),
-    "json": (None, dict(action="store_true", help="machine-readable output")),
-    "exclude": (None, dict(action="append", default=[], metavar="VMNAME", help="leave this qube out of --all")),
-    "qubes": (None, dict(action="store_true", help="list: one line per qube (last backup, sessions, size; "
-                                                  "OVERDUE per /etc/wyng/schedule.conf)")),
-    "dispvm": (None, dict(metavar="TEMPLATE", help="browse: the disposable template (default: the qube's "
-                                                  "default_dispvm, else the system's)")),
-    "rename-to": (None, dict(metavar="NEWNAME", help="restore the one qube named under this name")),
-    "pool": (None, dict(metavar="POOL", help="restore: create missing qubes' volumes in this pool")),
-    "settings-only": (None, dict(action="store_true", help="restore: settings, not volume data")),
-    "data-only": (None, dict(action="store_true", help="restore: volume data into existing qubes, not settings")),
-    "force": (None, dict(action="store_true", help="take over an archive lock held by another writer; "
-                                                   "restore: overwrite existing (halted) qubes; receive: "
-                                                   "replace a --save-to that holds data without asking")),
-    "force-allow-rollback": (None, dict(action="store_true",
-                                        help="accept an archive older than the one seen last")),
-    "force-other-archive": (None, dict(action="store_true", help="accept that --dest holds another archive "
-                                                                 "than the one seen there before")),
+    "local": value("VG/POOL|/DIR", "the pool volumes live in: an LVM thin pool, or a directory on Btrfs or XFS "
+                   "(volume names are paths relative to it)"),
+    "overwrite": flag("receive --local: restore over an existing volume"),
+    "save-to": value("PATH", "receive into this file or block device"),
+    "sparse-write": flag("restore over the existing volume in place, writing only what differs, holes or discards "
+                         "for zeros"),
+    "sparse": flag("as --sparse-write; fetch only chunks unlike the local ones"),
+    "use-snapshot": flag("--local: start from the snapshot of the last send"),
+    "import-other-from": repeat("VOLUME:|:PATH", "send the file or block device PATH as VOLUME (read in full)"),
+    "tag": repeat("TAG[,DESCRIPTION]", "tag the new session; repeat for more tags"),
+    "send-unchanged": flag("record a session for unchanged volumes too"),
+    "encrypt": value("CIPHER", "xchacha20-poly1305 (default) or off (MACs stay on)", default="xchacha20-poly1305",
+                     choices=CIPHERS),
+    "compression": value("TYPE[:LEVEL]", "zstd[:1-22] (default zstd:3), zlib[:0-9], bz2[:1-9] or off",
+                         default="zstd:3"),
+    "hashtype": value("HASH", "chunk id hash: hmac-sha256", default="hmac-sha256", choices=("hmac-sha256",)),
+    "chunk-factor": value("N", "chunk size 64 KiB * 2^(N-1), N = 1..6 (default 3: 256 KiB)", type=int, default=3,
+                          choices=range(1, 7)),
+    "passcmd": value("COMMAND", "shell command that prints the passphrase"),
+    "authmin": value("MINUTES", "remember the passphrase this long (default 2; 0 off; -1 forgets)", type=int,
+                     default=2),
+    "unattended": flag("never prompt", "-u"),
+    "meta-dir": value("PATH", "dom0 metadata folder (%s)" % META_DIR, default=META_DIR),
+    "json": flag("machine-readable output"),
+    "exclude": repeat("VMNAME", "leave this qube out of --all"),
+    "qubes": flag("list: one line per qube (last backup, sessions, size; OVERDUE per /etc/wyng/schedule.conf)"),
+    "dispvm": value("TEMPLATE", "browse: the disposable template (default: the qube's default_dispvm, else the "
+                    "system's)"),
+    "rename-to": value("NEWNAME", "restore the one qube named under this name"),
+    "pool": value("POOL", "restore: create missing qubes' volumes in this pool"),
+    "settings-only": flag("restore: settings, not volume data"),
+    "data-only": flag("restore: volume data into existing qubes, not settings"),
+    "force": flag("take over an archive lock held by another writer; restore: overwrite existing (halted) qubes; "
+                  "receive: replace a --save-to that holds data without asking"),
+    "force-allow-rollback": flag("accept an archive older than the one seen last"),
+    "force-other-archive": flag("accept that --dest holds another archive than the one seen there before"),
     "verbose": ("-v", dict(action="count", default=0, help="more detail")),
-    "quiet": ("-q", dict(action="store_true", help="only errors")),
-    "debug": (None, dict(action="store_true", help="show a traceback on errors")),
-    "config": (None, dict(metavar="PATH", help="read option defaults from PATH instead of %s" % config.DEFAULT_PATH)),
+    "quiet": flag("only errors", "-q"),
+    "debug": flag("show a traceback on errors"),
+    "config": value("PATH", "read option defaults from PATH instead of %s" % config.DEFAULT_PATH),
 }
 COMMON = ["unattended", "meta-dir", "force", "force-allow-rollback", "force-other-archive", "verbose", "quiet",
           "debug", "config"]

@@ -130,12 +130,11 @@ def auth_dir():
 
 
 def cached_master(archive_id, authmin):
+    """The cached key if ``authmin`` > 0; -1 deletes it."""
     path = os.path.join(auth_dir(), archive_id.hex())
-    if authmin <= 0:
-        if authmin < 0 and os.path.exists(path):
-            os.unlink(path)
-        return None
-    return _read_cache(path)
+    if authmin < 0 and os.path.exists(path):
+        os.unlink(path)
+    return _read_cache(path) if authmin > 0 else None
 
 
 def _read_cache(path):

@@ -182,17 +182,14 @@ def consent(opts, what):
         confirm(opts, "%s. Replace it?" % what)
 
 
-def check_target(opts, path):
-    """--save-to over data: a file that is not empty, a device not all zeros in its first MiB."""
+def holds_data(path):
+    """Whether --save-to holds data: a file that is not empty, a device not all zeros in its first MiB."""
     mode = os.stat(path).st_mode if os.path.exists(path) else 0
-    if stat.S_ISBLK(mode):
-        with open(path, "rb", buffering=0) as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: the first MiB only
-            data = bool(f.read(1 << 20).strip(b"\0"))
-    else:
-        data = stat.S_ISREG(mode) and os.path.getsize(path) > 0
-    if data:
-        consent(opts, "%s holds data" % path)
+    if not stat.S_ISBLK(mode):
+        return stat.S_ISREG(mode) and os.path.getsize(path) > 0
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: the first MiB only
+        return bool(f.read(1 << 20).strip(b"\0"))
 
 
 def run(opts, app):
@@ -201,8 +198,8 @@ def run(opts, app):
     if len(opts.volumes) != 1:
         raise Fail("receive: name one volume")
     sparse = opts.sparse or opts.sparse_write
-    if opts.save_to:
-        check_target(opts, opts.save_to)
+    if opts.save_to and holds_data(opts.save_to):
+        consent(opts, "%s holds data" % opts.save_to)
     with Archive(opts, app).open() as archive, contextlib.ExitStack() as stack:
         vol = archive.require_volume(opts.volumes[0])
         index = pick_session(opts, vol)

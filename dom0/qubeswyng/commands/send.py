@@ -102,14 +102,10 @@ def send_volume(archive, name, source, session, tags, opts, lost):
     def chunk_id(item):  # on ahead's worker: bytes == bytes is a memcmp
         return ZERO if item[1] == zero[:len(item[1])] else keys.chunk_id(item[1])
     for (index, data), cid in ahead(chunk_id, reader.chunks(cs, wanted)):
+        cid = cid or ZERO  # data None: a hole
         if data is not None:
             st["chunks_read"] += 1
             st["bytes_read"] += len(data)
-        elif index >= old_count:  # a hole past the parent's end: listed, already zero in the map
-            changed[index >> 3] |= 1 << (index & 7)
-            st["chunks_changed"] += 1
-            continue
-        cid = cid or ZERO
         if index >= old_count or chunk_map.ids[32 * index:32 * index + 32] != cid:
             changed[index >> 3] |= 1 << (index & 7)
             st["chunks_changed"] += 1

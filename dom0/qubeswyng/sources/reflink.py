@@ -66,12 +66,8 @@ UNRELIABLE = (EXTENT_UNKNOWN | EXTENT_DELALLOC | EXTENT_ENCODED | EXTENT_DATA_EN
 # other snapshot goes away) and are ignored; UNWRITTEN is compared.
 
 
-_CLONE_ERRORS = {
-    errno.EOPNOTSUPP: "filesystem does not support reflinks",
-    errno.ENOTTY: "filesystem does not support reflinks",
-    errno.EXDEV: "not on the same filesystem",
-    errno.EINVAL: "the filesystem refused it (a No_COW file, or not a regular file?)",
-}
+_CLONE_ERRORS = {errno.EXDEV: "not on the same filesystem",
+                 errno.EINVAL: "the filesystem refused it (a No_COW file, or not a regular file?)"}
 
 
 def clone(src_path, dst_path):
@@ -89,9 +85,9 @@ def clone(src_path, dst_path):
                 os.unlink(dst_path)
             if not isinstance(e, OSError):
                 raise
-            why = _CLONE_ERRORS.get(e.errno, e.strerror)
             if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
-                raise NoSnapshots(why) from None
+                raise NoSnapshots("filesystem does not support reflinks") from None
+            why = _CLONE_ERRORS.get(e.errno, e.strerror)
             raise Fail("cannot reflink %s to %s: %s" % (src_path, dst_path, why)) from None
         os.close(dst)
     finally:

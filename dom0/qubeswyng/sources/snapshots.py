@@ -286,40 +286,36 @@ def monitor(opts, names=None):
     out = []
     for meta, vid, state in list(states(opts.meta_dir)):
         name = state.get("name")
-        if state.get("local") != opts.local or names is not None and name not in names:
-            continue
-        try:
-            volume = open_source(opts.local, name, create=True)
-            volume = volume if volume.size is None else open_source(opts.local, name)
-            rot = Rotation(volume, meta, vid, wait=False)
-        except BlockingIOError:
-            out.append((name, "busy: a send is running"))
-            continue
-        except Fail as e:
-            out.append((name, str(e)))
-            continue
-        if volume.size is None:
-            out.append((name, "the volume is gone: removed its snapshots, %s freed" % size(rot.drop())))
-            continue
-        try:
-            out.append((name, _fold(rot)))
-        finally:
-            rot.close()
+        if state.get("local") == opts.local and (names is None or name in names):
+            out.append((name, _fold(opts.local, meta, vid, name)))
     return out
 
 
-def _fold(rot):
-    if len(rot.records) != 1:
-        return "an interrupted send left two snapshots: send it first"
-    rec = rot.current(rot.records[0].get("mac"))
-    if not rec:
-        return "its snapshot is gone or was changed: the next send reads it all"
-    rot.start(rec)
-    runs = rot.changes(rec)
-    if runs is None:
-        return "the snapshots cannot be compared now: kept the old one"
-    rot.keep(rec["mac"], runs)
-    return sum(stop - start for start, stop in runs)
+def _fold(local, meta, vid, name):
+    try:
+        volume = open_source(local, name, create=True)
+        volume = volume if volume.size is None else open_source(local, name)
+        rot = Rotation(volume, meta, vid, wait=False)
+    except BlockingIOError:
+        return "busy: a send is running"
+    except Fail as e:
+        return str(e)
+    if volume.size is None:
+        return "the volume is gone: removed its snapshots, %s freed" % size(rot.drop())
+    try:
+        if len(rot.records) != 1:
+            return "an interrupted send left two snapshots: send it first"
+        rec = rot.current(rot.records[0].get("mac"))
+        if not rec:
+            return "its snapshot is gone or was changed: the next send reads it all"
+        rot.start(rec)
+        runs = rot.changes(rec)
+        if runs is None:
+            return "the snapshots cannot be compared now: kept the old one"
+        rot.keep(rec["mac"], runs)
+        return sum(stop - start for start, stop in runs)
+    finally:
+        rot.close()
 
 
 def clean_local(opts, archive_id=None):
