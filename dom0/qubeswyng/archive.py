@@ -65,24 +65,23 @@ class Archive:
             if op == wire.NONE:
                 raise Fail("no archive at %s" % self.dest)
             header = Header.parse(self.raw_header)
-            opts = self.opts
             bound = self._bound(header.archive_id)
-            master = K.cached_master(header.archive_id, opts.authmin)
+            master = K.cached_master(header.archive_id, self.opts.authmin)
             if master is None or not bound:  # the cache serves only the archive --dest is known to hold
-                master = header.unlock(K.read_passphrase(opts))
+                master = header.unlock(K.read_passphrase(self.opts))
             self._start(header, master, check=True)
             if not bound:
                 write_atomic(self.binding, header.archive_id.hex().encode())
             garbage = write and self.lock()
             self._load_root()
             if garbage:
-                notice(opts, "finishing an interrupted prune or delete: removing what no session uses")
+                notice(self.opts, "finishing an interrupted prune or delete: removing what no session uses")
                 self.collect()
         except BaseException:
             self.close()
             raise
         with contextlib.suppress(OSError):  # no tmpfs to remember it in: ask again next time
-            K.store_master(header.archive_id, master, opts.authmin)
+            K.store_master(header.archive_id, master, self.opts.authmin)
         return self
 
     def _bound(self, archive_id):

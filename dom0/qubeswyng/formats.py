@@ -66,8 +66,7 @@ class Header:
 
     def unlock(self, passphrase):
         """The master key, or Fail for a wrong passphrase."""
-        kek = K.derive_kek(passphrase, self.salt, *self.kdf)
-        return K.unwrap(kek, self.wrapped, self.fields())
+        return K.unwrap(K.derive_kek(passphrase, self.salt, *self.kdf), self.wrapped, self.fields())
 
     def check(self, keys):
         if not keys.check(HEADER_LABEL, self.body, self.mac):

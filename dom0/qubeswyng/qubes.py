@@ -112,9 +112,6 @@ class RecordSource(FullRead):
         for index, start in enumerate(range(0, self.size, chunk_size)):
             yield index, self.data[start:start + chunk_size]
 
-    def close(self):
-        pass
-
 
 def sources(app, vm, opts):
     """(archive volume name, source) for everything a backup of ``vm`` sends,

@@ -65,8 +65,7 @@ class RangeServer:
             if not 0 < length <= MAX_READ or offset + length > self.size:
                 raise Fail("the browse service asked for %d bytes at offset %d: refused (the volume has %d bytes; "
                            "at most %d a read)" % (length, offset, self.size, MAX_READ))
-            pieces = self.read(offset, length)
-            if not self.tell(wire.DATA, *pieces):
+            if not self.tell(wire.DATA, *self.read(offset, length)):
                 return
 
     def tell(self, op, *parts):

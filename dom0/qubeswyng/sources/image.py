@@ -29,10 +29,10 @@ class FullRead:
     def begin(self, _archive, _vol, _chunk_map):
         return self, None
 
-    def pending(self, _mac):
+    def pending(self, *_mac):
         pass
 
-    done = pending
+    done = close = pending
 
 
 class ImageSource(FullRead):
@@ -41,13 +41,10 @@ class ImageSource(FullRead):
         # O_NONBLOCK: opening a FIFO must not wait for a writer
         self.fd = open_path(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         mode = os.fstat(self.fd).st_mode
-        if stat.S_ISREG(mode):
-            self.size = os.fstat(self.fd).st_size
-        elif stat.S_ISBLK(mode):
-            self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        else:
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             os.close(self.fd)
             raise Fail("%s: not a regular file or block device (it cannot be seeked)" % path)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)  # reads say where (pread, SEEK_DATA)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def close(self):

@@ -102,10 +102,8 @@ class Rotation:
         from the pool or from the archive); the bytes the snapshots held.
         Ends the rotation: no ``close`` after it."""
         try:
-            snaps = self.ours()
-            freed = sum(map(self.volume.usage, snaps))
-            for snap in snaps:
-                self.volume.remove(snap)
+            freed = sum(map(self.volume.usage, self.ours()))
+            self._remove_others(None)
             for ext in (".json", ".lock"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.meta.dir, "snapshots", self.vid + ext))

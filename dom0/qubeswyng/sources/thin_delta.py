@@ -62,7 +62,7 @@ def changed_chunks(xml, chunk_size, volume_size=None):
         raise Fail("chunk size must be a positive number of bytes, not %r" % (chunk_size,))
     if isinstance(xml, (bytes, bytearray, memoryview)):
         xml = io.BytesIO(xml)
-    limit = None if volume_size is None else -(-volume_size // chunk_size)
+    limit = float("inf") if volume_size is None else -(-volume_size // chunk_size)
     runs, ordered, block, diffs, stack = [], True, None, 0, []
     parser = etree.iterparse(xml, events=("start", "end"), resolve_entities=False, no_network=True,
                              load_dtd=False, huge_tree=False, remove_comments=True, remove_pis=True)
@@ -98,9 +98,7 @@ def changed_chunks(xml, chunk_size, volume_size=None):
             if kind == "same" or not length:
                 continue
             first = begin * block // chunk_size
-            stop = -(-(begin + length) * block // chunk_size)
-            if limit is not None:
-                stop = min(stop, limit)
+            stop = min(-(-(begin + length) * block // chunk_size), limit)
             if first < stop:
                 ordered = _add(runs, first, stop) and ordered
     except etree.XMLSyntaxError as e:
