@@ -380,8 +380,7 @@ class Archive:
                    "was removed: run arch-check")
         elif MISSING in kinds:
             notice(self.opts, "warning: chunks that sessions use are missing, so no chunk was removed: run arch-check")
-        removed = [r for r in records if r[0] == REMOVED]
-        return (removed[0][2], removed[0][3]) if removed else (0, 0)
+        return next(((r[2], r[3]) for r in records if r[0] == REMOVED), (0, 0))
 
     def damaged(self):
         """Ids of chunks the agent found missing or damaged (verify, receive,

@@ -193,8 +193,7 @@ def parse(args):
         if arg in COMMANDS and ("-h" in args[i:] or "--help" in args[i:]):
             parser(arg).parse_args(["--help"])
     opts = parser().parse_intermixed_args(args)
-    path, required = config.path_to_read(opts.config)
-    values, unused = config.read(path, OPTIONS, required)
+    values, unused = config.read(opts.config, OPTIONS)
     config.apply(opts, values, config.given_options(parser(), args))
     for text in unused:
         notice(opts, text)

@@ -51,18 +51,13 @@ WYNG_ONLY = ("dedup use-snapshot-diff req-snapshot remap local-from vid meta-red
              "tar-bypass opt-ssh opt-qubes change-uuid purge-tmp").split()
 
 
-def path_to_read(explicit):
-    """The file to read and whether it must exist."""
-    if explicit is not None:
-        return explicit, True
-    return os.environ.get(ENV) or DEFAULT_PATH, False
-
-
-def read(path, options, required=False):
-    """``{option name: value}`` from the file at ``path``, converted and
-    checked with the option table ``options`` (cli.OPTIONS), and the
-    notices to print about keys left unused."""
-    if not required and not os.path.exists(path):
+def read(explicit, options):
+    """``{option name: value}`` from the file ``explicit`` (--config: it must
+    exist) or else the default file (if there is one), converted and checked
+    with the option table ``options`` (cli.OPTIONS), and the notices to print
+    about keys left unused."""
+    path = (os.environ.get(ENV) or DEFAULT_PATH) if explicit is None else explicit
+    if explicit is None and not os.path.exists(path):
         return {}, []
     try:
         with open(path, encoding="utf-8") as f:

@@ -80,9 +80,8 @@ def hkdf(master, salt, info):
 
 class Keys:
     def __init__(self, master, archive_id):
-        self.id = hkdf(master, archive_id, b"qubes-wyng chunk id")
-        self.mac = hkdf(master, archive_id, b"qubes-wyng mac")
-        self.enc = hkdf(master, archive_id, b"qubes-wyng storage encryption")
+        self.id, self.mac, self.enc = (hkdf(master, archive_id, b"qubes-wyng " + info)
+                                       for info in (b"chunk id", b"mac", b"storage encryption"))
 
     def chunk_id(self, data):
         return hmac.digest(self.id, data, "sha256")

@@ -34,10 +34,7 @@ class ChunkMap:
         return len(self.ids) // 32
 
     def resize(self, count):
-        if count < len(self):
-            del self.ids[32 * count:]
-        else:
-            self.ids.extend(bytes(32 * (count - len(self))))
+        self.ids[32 * count:] = bytes(32 * max(0, count - len(self)))  # cut, or zero ids appended
 
     def __getitem__(self, i):
         return bytes(self.ids[32 * i:32 * i + 32])

@@ -247,10 +247,8 @@ def apply_settings(app, vm, rec, refs, rename, omit):
 def _taken(app, vm, key, value):
     """Why an address (ip, ip6) is not restored: another qube has it (two
     qubes with one address behind one netvm break each other's traffic)."""
-    for other in app.domains if key in NET_IDS else ():
-        if other.name != vm.name and str(getattr(other, key, None)) == str(value):
-            return "qube %s has %s" % (other.name, value)
-    return None
+    return next(("qube %s has %s" % (other.name, value) for other in (app.domains if key in NET_IDS else ())
+                 if other.name != vm.name and str(getattr(other, key, None)) == str(value)), None)
 
 
 def assign(app, vm, dev):

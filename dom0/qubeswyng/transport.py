@@ -87,13 +87,11 @@ def local_command(service="wyng.Agent"):
     override = os.environ.get("QVM_WYNG_" + short.upper())
     if override:
         return [override]
-    for folder in SERVICE_DIRS:
-        if os.access(os.path.join(folder, service), os.X_OK):
-            return [os.path.join(folder, service)]
-    # installed beside this interpreter (a venv), then on PATH
+    # a service folder, then installed beside this interpreter (a venv), then on PATH
     program = "wyng-" + short.lower()
-    beside = os.path.join(os.path.dirname(sys.executable), program)
-    found = beside if os.access(beside, os.X_OK) else shutil.which(program)
+    paths = [os.path.join(folder, service) for folder in SERVICE_DIRS] + [
+        os.path.join(os.path.dirname(sys.executable), program)]
+    found = next((path for path in paths if os.access(path, os.X_OK)), None) or shutil.which(program)
     if not found:
         raise Fail("no local %s: install the qubes-wyng VM half (%s) here" % (service, program))
     return [found]

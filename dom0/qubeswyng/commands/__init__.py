@@ -90,11 +90,12 @@ class Several:
         return EXIT_PARTIAL if self.failed else 0
 
 
-def confirm(opts, question):
-    """Ask on a terminal unless --unattended; without one, refuse."""
-    if opts.unattended:
+def confirm(opts, question, unasked=None):
+    """Ask on a terminal unless --unattended; without one, refuse.  With
+    ``unasked`` (the error then), --unattended refuses too."""
+    if opts.unattended and not unasked:
         return
-    if not sys.stdin.isatty():
-        raise Fail("%s needs confirmation: use --unattended" % opts.command)
+    if opts.unattended or not sys.stdin.isatty():
+        raise Fail(unasked or "%s needs confirmation: use --unattended" % opts.command)
     if input("%s [y/N] " % question).strip().lower() not in ("y", "yes"):
         raise Fail("%s: not confirmed, nothing changed" % opts.command)

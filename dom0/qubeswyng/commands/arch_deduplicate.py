@@ -32,10 +32,8 @@ def run(opts, app):
         rows.append({"volume": vol["name"], "sessions": len(vol["sessions"]),
                      "logical_bytes": sum(s["size"] for s in vol["sessions"]),
                      "listed_bytes": refs * cs, "chunks": distinct, "stored_bytes": stored})
-    whole = {"logical_bytes": sum(r["logical_bytes"] for r in rows),
-             "listed_bytes": sum(r["listed_bytes"] for r in rows),
-             "chunks": min(total[0], sum(r["chunks"] for r in rows)),
-             "stored_bytes": min(total[1], sum(r["stored_bytes"] for r in rows))}
+    whole = {k: sum(r[k] for r in rows) for k in ("logical_bytes", "listed_bytes", "chunks", "stored_bytes")}
+    whole.update(chunks=min(total[0], whole["chunks"]), stored_bytes=min(total[1], whole["stored_bytes"]))
     if opts.json:
         print(json.dumps({"volumes": rows, "archive": whole}, indent=1))
         return 0

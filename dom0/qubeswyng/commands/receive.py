@@ -33,7 +33,6 @@ import os
 import secrets
 import stat
 import struct
-import sys
 
 from ..archive import Archive
 from ..errors import Fail
@@ -177,9 +176,7 @@ def baseline(archive, rot, vol, index):
 def consent(opts, what):
     """Replacing data asks first on a terminal, or needs --force."""
     if not opts.force:
-        if opts.unattended or not sys.stdin.isatty():
-            raise Fail("%s: --force replaces it" % what)
-        confirm(opts, "%s. Replace it?" % what)
+        confirm(opts, "%s. Replace it?" % what, "%s: --force replaces it" % what)
 
 
 def holds_data(path):

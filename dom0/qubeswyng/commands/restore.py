@@ -102,9 +102,7 @@ def check(opts, app, plans):
 
     def depth(p, n=0):
         parent = by_name.get(p.rec["template"])
-        if parent is None or n > len(plans):
-            return n
-        return depth(parent, n + 1)
+        return n if parent is None or n > len(plans) else depth(parent, n + 1)
     return sorted(plans, key=lambda p: (depth(p), p.qube))
 
 

@@ -57,10 +57,6 @@ def mapped(lv):
     return int(int(lv["lv_size"]) * float(lv["data_percent"] or 0) / 100)
 
 
-def _interrupt(_signum, _frame):
-    raise KeyboardInterrupt
-
-
 class Volume:
     """Thin volume ``VG/<name>`` of pool ``VG/POOL``."""
     nodatacow = False
@@ -136,7 +132,7 @@ class Volume:
             fcntl.flock(fd, fcntl.LOCK_EX)
             signals = {signal.SIGINT, signal.SIGTERM}
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-            term = signal.signal(signal.SIGTERM, _interrupt)
+            term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # KeyboardInterrupt
             try:
                 try:
                     run("dmsetup", "message", tpool, "0", "reserve_metadata_snap")

@@ -124,8 +124,7 @@ def extent_map(fd):
         if end <= start:
             raise Fail("the extent map does not advance past byte %d" % start)
         start = end
-    extents.sort()
-    return extents
+    return sorted(extents)
 
 
 _HOLE = "hole"

@@ -169,26 +169,25 @@ class SnapshotSource:
 
     def begin(self, archive, vol, chunk_map):
         cs, sessions = archive.chunk_size, vol["sessions"]
-        if self.opts.dry_run and not sessions:  # read it all, and make no state for a volume not sent
-            self.reader = self.volume.reader()
-            return self.reader, None
-        self.rotation = rot = Rotation(self.volume, archive.meta, vol["id"])
-        rot.chunk_size = cs
-        self.head = rot.current(sessions[-1]["mac"]) if sessions else None
-        try:
-            reader = rot.start(self.head)
-        except NoSnapshots as e:
-            notice(self.opts, "%s: %s; reading all of it" % (self.volume.path, e))
-            rot.close()
-            self.rotation = None
-            self.reader = self.volume.reader()
-            return self.reader, None
-        runs = rot.changes(self.head) if self.head else None
-        if runs is None:
-            return reader, None
-        count = chunk_count(reader.size, cs)
-        runs = merge(runs + size_runs(sessions[-1]["size"], reader.size, cs) + [(len(chunk_map), count)])
-        return reader, (i for start, stop in runs for i in range(start, min(stop, count)))
+        if not self.opts.dry_run or sessions:  # else read it all, and make no state for a volume not sent
+            self.rotation = rot = Rotation(self.volume, archive.meta, vol["id"])
+            rot.chunk_size = cs
+            self.head = rot.current(sessions[-1]["mac"]) if sessions else None
+            try:
+                reader = rot.start(self.head)
+            except NoSnapshots as e:
+                notice(self.opts, "%s: %s; reading all of it" % (self.volume.path, e))
+                rot.close()
+                self.rotation = None
+            else:
+                runs = rot.changes(self.head) if self.head else None
+                if runs is None:
+                    return reader, None
+                count = chunk_count(reader.size, cs)
+                runs = merge(runs + size_runs(sessions[-1]["size"], reader.size, cs) + [(len(chunk_map), count)])
+                return reader, (i for start, stop in runs for i in range(start, min(stop, count)))
+        self.reader = self.volume.reader()
+        return self.reader, None
 
     def pending(self, mac):
         """Before the commit: the new snapshot will stand for ``mac`` if the
