@@ -230,20 +230,24 @@ def test_default_file_comes_from_the_environment_hook(ini, monkeypatch):
     assert cli.parse(["list", "--config", str(other)]).dest == "file:/explicit"
 
 
-def test_without_the_hook_the_default_is_etc_wyng(monkeypatch):
+def test_without_the_hook_the_default_is_etc_wyng(ini, monkeypatch):
     monkeypatch.delenv(config.ENV)
-    assert config.path_to_read(None) == ("/etc/wyng/wyng.ini", False)
-    assert config.path_to_read("/x.ini") == ("/x.ini", True)
+    assert config.DEFAULT_PATH == "/etc/wyng/wyng.ini"
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(ini("[var-global-default]\ndest = file:/default\n")))
+    assert cli.parse(["list"]).dest == "file:/default"
+    with pytest.raises(FileNotFoundError):
+        config.read("/x.ini", cli.OPTIONS)  # --config must exist
 
 
-def test_tests_never_read_the_real_etc_file():
+def test_tests_never_read_the_real_etc_file(ini, monkeypatch):
     import os
     assert os.environ[config.ENV] == os.devnull
-    assert config.path_to_read(None) == (os.devnull, False)
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(ini("[var-global-default]\ndest = file:/real\n")))
+    assert config.read(None, cli.OPTIONS) == ({}, [])  # the hook's file, not the default
 
 
 def test_the_shipped_example_changes_nothing():
-    assert config.read(str(EXAMPLE), cli.OPTIONS, required=True) == ({}, [])
+    assert config.read(str(EXAMPLE), cli.OPTIONS) == ({}, [])
 
 
 def test_every_setting_in_the_shipped_example_is_valid_when_uncommented():

@@ -311,8 +311,8 @@ def test_several_volumes_in_one_send_and_a_no_cow_file(btrfs_mount, wyng, tmp_pa
     vols = json.loads(wyng.run("send", "--local=%s" % btrfs_mount, "a.img", "nocow.img", "--json").stdout)["volumes"]
     assert [(v["incremental"], v["chunks_read"]) for v in vols] == [(True, 1), (False, 16)]
     for v in (a, nocow):
-        wyng.run("receive", v.name, "--save-to=%s" % (tmp_path / "out"))
-        assert same(tmp_path / "out", v.path)
+        wyng.run("receive", v.name, "--save-to=%s" % (tmp_path / v.name))  # a new file each: no --force
+        assert same(tmp_path / v.name, v.path)
     aid = next(wyng.meta.glob("*/root-seen")).parent.name
     records = wyng.meta / aid / "snapshots"
     (vid,) = [f[:-5] for f in os.listdir(records) if f.endswith(".json")
