@@ -58,7 +58,7 @@ def main():
     mnt = args.workdir / "mnt"
     r = {"size": args.size, "change": args.change, "kernel": os.uname().release, "cpus": os.cpu_count()}
     with btrfs(args.workdir, args.size * 4) as device:
-        vol, local, tool = mnt / NAME, "--local=%s" % mnt, Tool(args.workdir)
+        vol, local, tool = mnt / NAME, "--local=%s" % mnt, Tool(args.workdir, device)
         workload.make(str(vol), args.size)
         tool.run("arch-init")
         first = tool.send(local, NAME)["session"]
@@ -69,9 +69,9 @@ def main():
         scatter(vol, args.change, MiB, 8)
         r["full"] = timed_receive(tool, device, local, "--overwrite", "--session=" + first)
         r["full_ok"] = digest(vol) == first_digest
-        r["use_snapshot"] = timed_receive(tool, device, local, "--use-snapshot", "--session=" + first)
+        r["use_snapshot"] = timed_receive(tool, device, local, "--use-snapshot", "--overwrite", "--session=" + first)
         r["use_snapshot_ok"] = digest(vol) == first_digest
-        r["sparse"] = timed_receive(tool, device, local, "--sparse")
+        r["sparse"] = timed_receive(tool, device, local, "--sparse", "--overwrite")
         r["sparse_ok"] = digest(vol) == second_digest
     report(r, args.out)
 

@@ -138,7 +138,7 @@ def test_keys_wyng_ignores_or_that_mean_nothing_here_are_noted_not_applied(ini, 
     assert config.read(str(path), cli.OPTIONS)[0] == {}
     notes = config.read(str(path), cli.OPTIONS)[1]
     assert len(notes) == 1 and notes[0].startswith("%s: %s: " % (path, key))
-    assert ("as in Wyng" if key in config.IGNORED else "no meaning here") in notes[0]
+    assert ("give it on the command line" if key in config.IGNORED else "no meaning here") in notes[0]
     assert vars(parse(path)) == dict(vars(cli.parse(["version"])), config=str(path))
 
 

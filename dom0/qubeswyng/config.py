@@ -87,7 +87,7 @@ def parse(text, options, where="wyng.ini"):
     items = ini.items(SECTION) if ini.has_section(SECTION) else []
     unused = [key for key, _v in items if key in IGNORED or key in WYNG_ONLY]
     return ({key: convert(key, value, options, where) for key, value in items if key not in unused},
-            ["%s: %s: %s" % (where, key, "ignored in the file, as in Wyng" if key in IGNORED else
+            ["%s: %s: %s" % (where, key, "ignored in the file: give it on the command line" if key in IGNORED else
                              "a Wyng option that has no meaning here, ignored") for key in unused])
 
 
