@@ -109,10 +109,10 @@ send after-restore vm-work-private --local=tvg/vm-pool
 # Wyng's receive modes: from the snapshot of the last send (a thin snapshot of
 # it replaces the volume), then sparsely onto the volume in place
 wr tvg-vm--work--private 1M 7
-W receive vm-work-private --local=tvg/vm-pool --use-snapshot > "$O/use-snapshot"
+W receive vm-work-private --local=tvg/vm-pool --use-snapshot --overwrite > "$O/use-snapshot"
 cmp /tmp/expect.img /dev/mapper/tvg-vm--work--private && echo "same from snapshot" >> "$O/checks"
 wr tvg-vm--work--private 64k 40
-W receive vm-work-private --local=tvg/vm-pool --sparse > "$O/sparse"
+W receive vm-work-private --local=tvg/vm-pool --sparse --overwrite > "$O/sparse"
 cmp /tmp/expect.img /dev/mapper/tvg-vm--work--private && echo "same sparse" >> "$O/checks"
 lvs --noheadings -o lv_name tvg > "$O/lvs-after-modes"
 

@@ -61,8 +61,8 @@ def test_a_running_qube_is_backed_up_as_of_its_last_start_and_the_next_backup_re
     assert second["incremental"] and 1 <= second["chunks_read"] <= 3
     assert read <= 2 * MiB, "read %d bytes from the pool's disk for a change of at most 300000" % read
     print("read from the pool's loop device: first backup %d bytes, second %d" % (full, read))
-    dom0.run("receive", "qubes/work/private", "--save-to=%s" % (tmp_path / "out"))
-    assert digest(tmp_path / "out") == digest(vol.path)
+    dom0.run("receive", "qubes/work/private", "--save-to=%s" % (tmp_path / "out2"))
+    assert digest(tmp_path / "out2") == digest(vol.path)
 
 
 def test_delete_removes_the_volumes_snapshots_and_records(dom0, system):

@@ -58,6 +58,9 @@ class Scan:
     def run(self):
         with scratch() as tmp:
             counts = self._distribute(tmp)
+            # a manifest that cannot be read, or is not the one the root names, may list
+            # any object: remove nothing at all then (leftovers are met in the buckets too)
+            self.may_delete = self.mode & CLEAN and self.mode & WHOLE and not self.bad
             with open(os.path.join(tmp, "unused"), "w+b") as self.unused_ids:
                 for b in range(256):
                     if self.mode & CLEAN:  # a writer that lost the lock deletes nothing more
@@ -68,10 +71,7 @@ class Scan:
                 self.openers.drain()
                 self.deleters.drain()
                 self.archive.note_damaged(self.lost)
-                # a manifest that cannot be read, or is not the one the root names, may list
-                # any object: remove nothing at all then; a listed chunk that is missing may be
-                # a damaged id: remove no chunk then
-                self.may_delete = self.mode & CLEAN and self.mode & WHOLE and not self.bad
+                # a listed chunk that is missing may be a damaged id: remove no chunk then
                 chunks = self.may_delete and not any(self.missing)
                 if chunks:
                     self.archive.lease.confirm()
