@@ -215,6 +215,21 @@ def test_incremental_send_reads_and_stores_again_a_lost_chunk_it_holds(wyng, btr
     shutil.rmtree(local.pool)
 
 
+def test_damaged_list_naming_the_zero_id_makes_no_hole_a_chunk(wyng, btrfs_session, tmp_path):
+    """Storage that lists the all-zero id as damaged: the volume's holes are
+    not read or stored as chunks, the send ends as usual."""
+    from test_cow_send import CS, Local
+    wyng.init()
+    local = Local(wyng, btrfs_session / tmp_path.name).make(8 * CS, data=((0, 2 * CS), (6 * CS, CS)))
+    local.send()
+    (wyng.archive / "damaged").write_bytes(bytes(32))
+    local.write((0, 100))
+    out = local.send()
+    assert out["incremental"] and out["chunks_read"] == 1 and not out.get("chunks_repaired"), out
+    local.check(tmp_path)
+    shutil.rmtree(local.pool)
+
+
 def _object_of(wyng, data):
     cid = wyng.keys().chunk_id(data).hex()
     return cid[:2], cid
