@@ -152,7 +152,7 @@ def main():
     mnt = work / "mnt"
     results = {"size": args.size, "change": args.change, "write_size": args.write_size,
                "kernel": os.uname().release, "cpus": os.cpu_count()}
-    with btrfs(work, args.size * 3, args.keep):
+    with btrfs(work, args.size * 3, args.keep) as device:
         vol = mnt / NAME
         t = time.monotonic()
         workload.make(str(vol), args.size)
