@@ -1,5 +1,6 @@
 """Images go into the archive and come back byte for byte."""
 import json
+import os
 
 import pytest
 
@@ -24,6 +25,18 @@ def test_image_round_trip(wyng, tmp_path, size, pieces):
     wyng.receive("vol", tmp_path / "out")
     assert same(image, tmp_path / "out")
     wyng.run("verify", "vol")
+
+
+def test_a_new_file_keeps_the_zero_blocks_of_its_chunks_as_holes(wyng, tmp_path):
+    """Zeros inside a chunk that holds data, in 64 KiB blocks, are not
+    written to a new file: the restored file is as sparse as that allows."""
+    pieces = [(i * CHUNK + (i % 4) * 64 * KiB, 64 * KiB, "random") for i in range(8)] + [(8 * CHUNK, 1000, "text")]
+    image = make(tmp_path / "img", 8 * CHUNK + 1000, pieces)
+    wyng.init()
+    wyng.send("vol", image)
+    wyng.receive("vol", tmp_path / "out")
+    assert same(image, tmp_path / "out")
+    assert os.stat(tmp_path / "out").st_blocks * 512 <= 9 * 64 * KiB
 
 
 @pytest.mark.parametrize("encrypt", ["xchacha20-poly1305", "off"])

@@ -16,7 +16,6 @@ def now():
 
 
 def point(label):
-    if os.environ.get("QVM_WYNG_TEST_CRASH") == label:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get("QVM_WYNG_TEST_PAUSE") == label:
-        os.kill(os.getpid(), signal.SIGSTOP)
+    for variable, sig in (("QVM_WYNG_TEST_CRASH", signal.SIGKILL), ("QVM_WYNG_TEST_PAUSE", signal.SIGSTOP)):
+        if os.environ.get(variable) == label:
+            os.kill(os.getpid(), sig)

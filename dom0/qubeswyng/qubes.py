@@ -53,10 +53,8 @@ def get(app, name):
 
 def state(app, name):
     """None if there is no qube ``name``, else (its class, whether it is halted)."""
-    if name not in app.domains:
-        return None
-    vm = app.domains[name]
-    return vm.klass, vm.is_halted()
+    vm = app.domains[name] if name in app.domains else None
+    return None if vm is None else (vm.klass, vm.is_halted())
 
 
 def run_agent(app, name):

@@ -46,9 +46,7 @@ def pick_session(opts, vol):
     for i in range(len(sessions) - 1, -1, -1):
         if matches(sessions[i], spec) or loose and sessions[i]["name"] < spec:
             return i
-    if spec.startswith("^"):
-        raise Fail("volume %r has no session tagged %r" % (vol["name"], spec[1:]))
-    raise Fail("volume %r has no session %s" % (vol["name"], spec))
+    raise Fail("volume %r has no session %s" % (vol["name"], "tagged %r" % spec[1:] if spec.startswith("^") else spec))
 
 
 def chosen_volumes(opts, archive, default_all=False):

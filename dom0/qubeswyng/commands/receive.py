@@ -43,8 +43,11 @@ from ..sources.snapshots import Rotation, size_runs
 from . import Several, chosen_volumes, confirm, pick_session
 
 BLKDISCARD = 0x1277
+SYNC_FILE_RANGE_WRITE = 2
 PUNCH_HOLE = 3  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 ZEROS = bytes(1 << 22)
+BLOCK = 64 << 10  # zero blocks of a chunk left as holes in a new file
+ZERO_BLOCK = ZEROS[:BLOCK]
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -81,13 +84,17 @@ class FileTarget:
         return os.pread(self.fd, length, offset)
 
     def write(self, offset, data, compare=False):
-        """Write ``data`` at ``offset``; with ``compare`` only if the bytes there differ."""
+        """Write ``data`` at ``offset``; with ``compare`` only if the bytes there
+        differ.  A new file already reads zeros: its zero blocks stay holes."""
         if compare and self.read(offset, len(data)) == data:
             return
         view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        for at in range(0, len(data), BLOCK):
+            done = len(data) if self.temp and data.startswith(ZERO_BLOCK, at, at + BLOCK) else at
+            while done < min(at + BLOCK, len(data)):
+                done += os.pwrite(self.fd, view[done:at + BLOCK], offset + done)
+        # writeback starts now, not all at the closing fsync (which then finds little left)
+        LIBC.sync_file_range(self.fd, ctypes.c_int64(offset), ctypes.c_int64(len(data)), SYNC_FILE_RANGE_WRITE)
 
     def zero(self, offset, length):
         """Make the range read as zeros, writing as little as possible: a hole
