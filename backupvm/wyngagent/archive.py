@@ -106,6 +106,9 @@ class Archive:
         self.codec, self.chunk_size = codec, chunk_size
         most = max(1, MAX_IN_FLIGHT // chunk_size)
         self.writers.count = min(self.store.connections, most)
+        # a checked batch is queued whole, so that the request loop goes on
+        # gathering the next one while the writers work through it
+        self.writers.backlog = self.writers.count + min(BATCH, max(1, BATCH_BYTES // chunk_size))
         self.window = min(max(IN_FLIGHT, self.store.connections), most)
 
     # -- writer lock (lease.py) ----------------------------------------------
@@ -367,7 +370,7 @@ class Workers:
     """A few threads and a bounded backlog, so memory stays a few chunks."""
 
     def __init__(self, count):
-        self.count = count
+        self.count, self.backlog = count, 2 * count
         self.mutex = threading.Lock()
         self.done = threading.Condition(self.mutex)
         self.running = 0
@@ -377,7 +380,7 @@ class Workers:
 
     def submit(self, fn, *args):
         with self.done:
-            while self.running >= 2 * self.count and not self.failure:
+            while self.running >= self.backlog and not self.failure:
                 self.done.wait()
             self._raise()
             self.running += 1
