@@ -30,8 +30,7 @@ def write_atomic(path, *parts):
     over ``path``: a crash leaves the old file or the new one."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     with os.fdopen(os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        for part in parts:
-            f.write(part)
+        f.writelines(parts)
         f.flush()
         os.fsync(f.fileno())
     os.rename(path + ".new", path)

@@ -84,14 +84,13 @@ def local_command(service="wyng.Agent"):
     """The executable of a VM-side service run here: the agent for
     destinations without a qube, wyng.Browse for ``mount``."""
     short = service.split(".")[1]
+    # QVM_WYNG_AGENT (or _BROWSE) as it is, else a service folder, then installed
+    # beside this interpreter (a venv), then on PATH
     override = os.environ.get("QVM_WYNG_" + short.upper())
-    if override:
-        return [override]
-    # a service folder, then installed beside this interpreter (a venv), then on PATH
     program = "wyng-" + short.lower()
     paths = [os.path.join(folder, service) for folder in SERVICE_DIRS] + [
         os.path.join(os.path.dirname(sys.executable), program)]
-    found = next((path for path in paths if os.access(path, os.X_OK)), None) or shutil.which(program)
+    found = override or next((path for path in paths if os.access(path, os.X_OK)), None) or shutil.which(program)
     if not found:
         raise Fail("no local %s: install the qubes-wyng VM half (%s) here" % (service, program))
     return [found]

@@ -25,9 +25,7 @@ def _indexes(opts, vol):
     """newest: the newest session; DATE or ^TAG: that one and all older."""
     if not vol["sessions"]:
         return []
-    if opts.session == "newest":
-        return [len(vol["sessions"]) - 1]
-    return list(range(pick_session(opts, vol) + 1))
+    return [len(vol["sessions"]) - 1] if opts.session == "newest" else list(range(pick_session(opts, vol) + 1))
 
 
 def run(opts, app):

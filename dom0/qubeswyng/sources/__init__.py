@@ -41,8 +41,7 @@ def open_all(pairs):
     list; if opening one fails, those already opened are closed."""
     opened = []
     try:
-        for pair in pairs:
-            opened.append(pair)
+        opened.extend(pairs)  # what was opened before a failure stays in the list
     except BaseException:
         for _n, src in opened:
             src.close()
