@@ -1,6 +1,7 @@
 """The storage conformance suite: the contracts of ``Store``
 (backupvm/wyngagent/storage/__init__.py), checked the same way against
-every backend, each the real thing: a local directory, ssh to sshd on
+every backend, each the real thing: a local directory (on disk, and on a
+tmpfs, which before Linux 6.6 refuses the O_DIRECT reads a disk gets), ssh to sshd on
 loopback (root with a shell, and an SFTP-only chrooted account), S3 on
 moto_server, and a local directory on an s3fs mount of it."""
 import os
@@ -11,7 +12,7 @@ import pytest
 
 from wyngagent.storage import Store, StoreError, open_store
 
-BACKENDS = ["local", "ssh", "sftp-only", "s3", "s3fs"]
+BACKENDS = ["local", "local-tmpfs", "ssh", "sftp-only", "s3", "s3fs"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -19,6 +20,8 @@ def store(request, tmp_path):
     kind = request.param
     if kind == "local":
         url = "file:%s/store" % tmp_path
+    elif kind == "local-tmpfs":  # before Linux 6.6, no O_DIRECT there: plain reads
+        url = "file:%s/store" % request.getfixturevalue("tmpfs")("64M")
     elif kind == "ssh":
         request.getfixturevalue("sshd")
         url = "ssh://wyng-test%s/store" % tmp_path
@@ -176,3 +179,28 @@ def test_unknown_scheme_and_bad_urls():
                        ("file:relative", "absolute path"), ("s3:///prefix", "s3://[profile@]bucket")):
         with pytest.raises(StoreError, match=words.replace("[", r"\[").replace("]", r"\]")):
             open_store(url)
+
+
+def takes_direct(folder):
+    """Whether the filesystem opens files with O_DIRECT (tmpfs does only
+    from Linux 6.6; before, the local store falls back to plain reads)."""
+    (folder / "probe").write_bytes(b"x")
+    try:
+        os.close(os.open(folder / "probe", os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        (folder / "probe").unlink()
+
+
+def test_a_local_store_reads_around_the_page_cache_where_the_filesystem_allows(tmp_path, tmpfs):
+    from wyngagent.storage.local import LocalStore
+    for root in (tmp_path, tmpfs("8M")):
+        store = LocalStore("%s/store" % root)
+        store.make_root()
+        for size in (0, 1, 4096, 5000, 300000):
+            store.write("chunks/ab/x%d" % size, os.urandom(size))
+            assert store.read("chunks/ab/x%d" % size) == (root / ("store/chunks/ab/x%d" % size)).read_bytes()
+        assert store.direct is takes_direct(root)
+        store.close()
