@@ -182,28 +182,29 @@ class LocalStore(Store):
         bytes of their own: a receive, verify or arch-check reads each
         object once, and filling and reclaiming the page cache for it cost
         more than the copy."""
-        folder, base = self._at(name)
-        with folder as dfd:
-            fd = os.open(base, os.O_RDONLY | os.O_NONBLOCK | os.O_DIRECT | FILE, dir_fd=dfd)
+        fd, size = self._open_file(name, os.O_DIRECT)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EISDIR, "not a file", name)
             buf = getattr(self._buffers, "buf", None)
-            if buf is None or len(buf) <= st.st_size:  # one byte more than the file: it is read whole
-                buf = self._buffers.buf = mmap.mmap(-1, (st.st_size // mmap.PAGESIZE + 1) * mmap.PAGESIZE)
+            if buf is None or len(buf) <= size:  # one byte more than the file: it is read whole
+                buf = self._buffers.buf = mmap.mmap(-1, (size // mmap.PAGESIZE + 1) * mmap.PAGESIZE)
             return buf[:os.preadv(fd, [buf], 0)]
         finally:
             os.close(fd)
 
     def open(self, name):
+        return os.fdopen(self._open_file(name)[0], "rb", buffering=1 << 20)
+
+    def _open_file(self, name, flags=0):
+        """(descriptor, size) of the regular file ``name``, opened for
+        reading without following links; anything else is refused."""
         folder, base = self._at(name)
         with folder as dfd:
-            fd = os.open(base, os.O_RDONLY | os.O_NONBLOCK | FILE, dir_fd=dfd)  # a FIFO must not block
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            fd = os.open(base, os.O_RDONLY | os.O_NONBLOCK | FILE | flags, dir_fd=dfd)  # a FIFO must not block
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise OSError(errno.EISDIR, "not a file", name)
-        return os.fdopen(fd, "rb", buffering=1 << 20)
+        return fd, st.st_size
 
     def size(self, name):
         """The size of a regular file ``name``; None if there is none (a
