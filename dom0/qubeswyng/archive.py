@@ -33,7 +33,7 @@ SCAN_OBJECTS, SCAN_WHOLE, SCAN_CLEAN, SCAN_SIZES = 1, 2, 4, 8
  TOTAL, REMOVED) = range(1, 10)
 
 
-class Archive:
+class Archive(contextlib.AbstractContextManager):
     def __init__(self, opts, app=None, dest=None):
         self.opts, self.dest = opts, dest or opts.dest
         self.transport, url = start(self.dest, app)
@@ -126,11 +126,8 @@ class Archive:
         op, data = self.link.frame((wire.DATA, wire.END, wire.NONE), wire.PART)
         if op == wire.NONE:
             return None
-        blob = bytearray(data)
-        if op == wire.DATA:
-            for part in self.link.parts(MAX_ROOT - len(blob)):
-                blob += part
-        self.root_blob = bytes(blob)
+        more = self.link.parts(MAX_ROOT - len(data)) if op == wire.DATA else ()
+        self.root_blob = data + b"".join(more)
         return open_root(self.keys, self.root_blob, self.header.archive_id)
 
     def _load_root(self):
@@ -405,9 +402,6 @@ class Archive:
         if len(reply) != wire.STATS.size:
             raise wire.AgentError("agent sent malformed statistics")
         return wire.STATS.unpack(reply)
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *_exc):
         self.close()

@@ -131,18 +131,14 @@ def one(text, kwargs, bad):
 def given_options(parser, args):
     """The option names the command line ``args`` sets (``parser`` is a fresh
     one: its defaults are suppressed so that only given options appear)."""
-    dests = {}
-    for action in parser._actions:
-        if action.option_strings:
-            action.default = argparse.SUPPRESS
-            dests[action.dest] = action.option_strings[-1][2:]
-    given = parser.parse_intermixed_args(args)
-    return {dests[dest] for dest in vars(given) if dest in dests}
+    options = [action for action in parser._actions if action.option_strings]
+    for action in options:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_intermixed_args(args))
+    return {action.option_strings[-1][2:] for action in options if action.dest in given}
 
 
 def apply(opts, values, given):
     """Set the ini ``values`` on the parsed ``opts`` for every option the
     command line did not give."""
-    for name, value in values.items():
-        if name not in given:
-            setattr(opts, name.replace("-", "_"), value)
+    vars(opts).update((name.replace("-", "_"), value) for name, value in values.items() if name not in given)

@@ -24,13 +24,11 @@ KDF_SECONDS = 1.0
 
 
 def derive_kek(passphrase, salt, log_n, r, p):
-    try:
+    with contextlib.suppress(ValueError):  # OpenSSL refuses some combinations (N >= 2^(16r))
         if 10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16 and 128 * r << log_n <= SCRYPT_MAX_MEM \
                 and p * r <= 64:
             return hashlib.scrypt(passphrase, salt=salt, n=1 << log_n, r=r, p=p,
                                   maxmem=SCRYPT_MAX_MEM + (1 << 20), dklen=64)
-    except ValueError:  # OpenSSL refuses some combinations (N >= 2^(16r))
-        pass
     raise Fail("archive header asks for scrypt parameters outside safe bounds")
 
 

@@ -61,25 +61,20 @@ class Meta:
         write_atomic(self._path("root-seen"), json.dumps({"seq": seq, "mac": mac.hex()}).encode())
 
     def load_json(self, *names):
-        try:
-            with open(self._path(*names)) as f:
-                return json.load(f)
-        except (FileNotFoundError, ValueError):
-            return None
+        with contextlib.suppress(FileNotFoundError, ValueError), open(self._path(*names)) as f:
+            return json.load(f)
+        return None
 
     def save_json(self, value, *names):
         write_atomic(self._path(*names), json.dumps(value).encode())
 
     def load_map(self, volume_id, head_mac):
-        try:
-            with open(self._path("maps", volume_id), "rb") as f:
-                magic, mac, count = MAP_HEAD.unpack(f.read(MAP_HEAD.size))
-                if magic != MAP_MAGIC or mac != head_mac:
-                    return None
+        with contextlib.suppress(FileNotFoundError, struct.error), open(self._path("maps", volume_id), "rb") as f:
+            magic, mac, count = MAP_HEAD.unpack(f.read(MAP_HEAD.size))
+            if magic == MAP_MAGIC and mac == head_mac:
                 ids = bytearray(f.read())
-        except (FileNotFoundError, struct.error):
-            return None
-        return ChunkMap(ids=ids) if len(ids) == 32 * count else None
+                return ChunkMap(ids=ids) if len(ids) == 32 * count else None
+        return None
 
     def save_map(self, volume_id, head_mac, chunk_map):
         write_atomic(self._path("maps", volume_id), MAP_HEAD.pack(MAP_MAGIC, head_mac, len(chunk_map)), chunk_map.ids)

@@ -25,14 +25,12 @@ class Progress:
             return
         self.last = now
         rate = done / max(now - self.start, 1e-6) / 1e6
-        sys.stderr.write("\r%s: %3d%% %s %.0f MB/s\x1b[K" % (
-            self.label, 100 * done // self.total, size(done), rate))
-        sys.stderr.flush()
+        print("\r%s: %3d%% %s %.0f MB/s\x1b[K" % (self.label, 100 * done // self.total, size(done), rate),
+              end="", file=sys.stderr, flush=True)
 
     def close(self):
         if self.on:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
 
 
 def notice(opts, text):

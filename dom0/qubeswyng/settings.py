@@ -52,19 +52,14 @@ def volume(qube, vol):
     return "%s%s/%s" % (PREFIX, qube, vol)
 
 
-def split(name):
-    """(qube, volume) of an archive volume name in the qubes/ space, or None."""
-    parts = name.split("/")
-    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] + "/" == PREFIX else None
-
-
 def qubes_in(root):
-    """{qube: {volume: archive volume record}} of every qube in an archive root."""
+    """{qube: {volume: archive volume record}} of every qube in an archive
+    root: the volumes named qubes/<qube>/<volume>."""
     found = {}
     for vol in root["volumes"]:
-        part = split(vol["name"])
-        if part:
-            found.setdefault(part[0], {})[part[1]] = vol
+        parts = vol["name"].split("/")
+        if len(parts) == 3 and parts[0] + "/" == PREFIX:
+            found.setdefault(parts[1], {})[parts[2]] = vol
     return found
 
 

@@ -47,10 +47,9 @@ class ProcessTransport:
 
     def status(self):
         """The exit status, once the process has ended (waiting a little); None if it goes on."""
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             return self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            return None
+        return None
 
     def exit_note(self):
         """How the process ended, once it has, and the last lines it wrote
@@ -80,8 +79,8 @@ class ProcessTransport:
             self.proc.stderr.close()
 
 
-def local_command(service="wyng.Agent"):
-    """The executable of a VM-side service run here: the agent for
+def local(service, name):
+    """A VM-side service started here, over pipes: the agent for
     destinations without a qube, wyng.Browse for ``mount``."""
     short = service.split(".")[1]
     # QVM_WYNG_AGENT (or _BROWSE) as it is, else a service folder, then installed
@@ -93,14 +92,8 @@ def local_command(service="wyng.Agent"):
     found = override or next((path for path in paths if os.access(path, os.X_OK)), None) or shutil.which(program)
     if not found:
         raise Fail("no local %s: install the qubes-wyng VM half (%s) here" % (service, program))
-    return [found]
-
-
-def local(service, name):
-    """A VM-side service started here, over pipes."""
     try:
-        proc = subprocess.Popen(local_command(service), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen([found], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as e:
         raise Fail("cannot start the %s: %s" % (name, e.strerror)) from None
     return ProcessTransport(proc, name)

@@ -11,6 +11,7 @@ at most MAX_READ bytes, one at a time, at most RATE a second; dom0 keeps
 at most CACHE bytes of chunks.
 """
 import collections
+import contextlib
 import os
 import struct
 import time
@@ -71,11 +72,10 @@ class RangeServer:
     def tell(self, op, *parts):
         """Send to the presenter; False if it has hung up (its qube was
         closed?): then how it ended tells the rest."""
-        try:
+        with contextlib.suppress(wire.LinkBroken):
             self.link.send(op, *parts)
             return True
-        except wire.LinkBroken:
-            return False
+        return False
 
     def pace(self):
         """At most RATE requests in a second: a flood costs dom0 time, not all of its CPU."""
@@ -138,11 +138,8 @@ def run_mount(opts, app):
         raise Fail("%s: not a folder" % folder)
     with Archive(opts, app).open() as archive:
         session = open_session(opts, archive, name)
-        link = wire.Link(local("wyng.Browse", "browse service"), "browse service")
-        try:
+        with contextlib.closing(wire.Link(local("wyng.Browse", "browse service"), "browse service")) as link:
             fetched = serve(opts, archive, session, link, "wyng.Browse", os.path.abspath(folder))
-        finally:
-            link.close()
     say(opts, "%s: session %s unmounted from %s (%d chunks fetched)" % (name, session[1]["name"], folder, fetched))
     return 0
 

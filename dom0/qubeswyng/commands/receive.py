@@ -51,7 +51,7 @@ ZERO_BLOCK = ZEROS[:BLOCK]
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-class FileTarget:
+class FileTarget(contextlib.AbstractContextManager):
     """--save-to or a --local volume: a new or replaced regular file, or in
     place an existing block device (its zero chunks: ``zero``) or
     (``in_place``) an existing file.  As a context, it is made durable
@@ -108,9 +108,6 @@ class FileTarget:
                 LIBC.fallocate(self.fd, PUNCH_HOLE, ctypes.c_int64(offset), ctypes.c_int64(length))
             self.write(offset, ZEROS[:length], compare=True)
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, failed, *_exc):
         if not failed:
             try:
@@ -152,9 +149,8 @@ def restore(archive, chunk_map, total, write, opts, label, zero=None, wanted=Non
     progress = Progress(opts, label, total)
     fetched = 0
     with contextlib.closing(archive.fetch(picked())) as chunks:
-        for index, data in chunks:
+        for fetched, (index, data) in enumerate(chunks, 1):
             write(index * cs, data)
-            fetched += 1
             progress.update(index * cs)
     progress.close()
     return fetched

@@ -127,9 +127,8 @@ class Volume:
         pool = dm_name(self.vg, self.pool)
         tpool = pool + "-tpool" if os.path.exists("/dev/mapper/%s-tpool" % pool) else pool
         tmeta = "/dev/mapper/%s_tmeta" % pool
-        fd = os.open(tmeta, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with open(tmeta, "rb", buffering=0) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             signals = {signal.SIGINT, signal.SIGTERM}
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
             term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # KeyboardInterrupt
@@ -148,8 +147,6 @@ class Volume:
             finally:
                 signal.signal(signal.SIGTERM, term)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        finally:
-            os.close(fd)
 
     def reader(self, snap=None):
         lv = snap or self.name

@@ -249,8 +249,9 @@ class Volume:
         with "snap"), from both extent maps read now; the old map is read
         again after the new one, so a relocation in between (balance) is
         seen and the reading repeated.  None: no safe answer."""
-        fds = [os.open(os.path.join(self.dir, r["snap"]), os.O_RDONLY | os.O_CLOEXEC) for r in (old, new)]
-        try:
+        with contextlib.ExitStack() as files:
+            fds = [files.enter_context(open(os.path.join(self.dir, r["snap"]), "rb", buffering=0)).fileno()
+                   for r in (old, new)]
             a, b = map(os.fstat, fds)
             if a.st_dev != b.st_dev or any(map(is_nodatacow, fds)):
                 return None
@@ -260,9 +261,6 @@ class Volume:
                     return [(s // chunk_size, -(-e // chunk_size))
                             for s, e in changed_ranges(old_map, new_map, a.st_size, b.st_size)]
             return None
-        finally:
-            for fd in fds:
-                os.close(fd)
 
     def reader(self, snap=None):
         return ImageSource(os.path.join(self.dir, snap) if snap else self.path)

@@ -15,6 +15,7 @@ a kill at any moment leaves a record that is true, or none.
 import contextlib
 import fcntl
 import os
+import pathlib
 import shutil
 
 from ..clock import point
@@ -148,12 +149,11 @@ class Rotation:
         """Release the lock; remove the new snapshot unless it was kept
         (deactivate it if it was).  A leftover is removed next time."""
         try:
-            if self.reader:
-                self.reader.close()
-            if self.new:
-                (self.volume.release if self.kept else self.volume.remove)(self.new["snap"])
-        except Fail:
-            pass
+            with contextlib.suppress(Fail):
+                if self.reader:
+                    self.reader.close()
+                if self.new:
+                    (self.volume.release if self.kept else self.volume.remove)(self.new["snap"])
         finally:
             os.close(self.lock)
 
@@ -239,26 +239,19 @@ def send_source(opts, local, name):
 
 
 def archives(meta_dir, archive_id=None):
-    """Meta of every archive folder under ``meta_dir`` (or of one)."""
-    try:
-        folders = sorted(os.listdir(meta_dir))
-    except FileNotFoundError:
-        return []
-    return [Meta(meta_dir, bytes.fromhex(f)) for f in folders if len(f) == 32 and not f.strip("0123456789abcdef")
-            and (archive_id is None or f == archive_id.hex())]
+    """Meta of every archive folder under ``meta_dir`` (named by the
+    archive id in hex), or of the one of ``archive_id`` if it is there."""
+    found = pathlib.Path(meta_dir).glob(archive_id.hex() if archive_id else "[0-9a-f]" * 32)
+    return [Meta(meta_dir, bytes.fromhex(path.name)) for path in sorted(found)]
 
 
 def states(meta_dir, archive_id=None):
     """(Meta, volume id, state) of every snapshot state under ``meta_dir``."""
     for meta in archives(meta_dir, archive_id):
-        try:
-            names = sorted(os.listdir(os.path.join(meta.dir, "snapshots")))
-        except FileNotFoundError:
-            continue
-        for name in names:
-            state = meta.load_json("snapshots", name) if name.endswith(".json") else None
+        for path in sorted(pathlib.Path(meta.dir, "snapshots").glob("*.json")):
+            state = meta.load_json("snapshots", path.name)
             if isinstance(state, dict):
-                yield meta, name[:-5], state
+                yield meta, path.stem, state
 
 
 def forget(meta, vid):
@@ -266,12 +259,10 @@ def forget(meta, vid):
     the bytes freed.  Left alone if its pool cannot be opened (``delete
     --clean`` removes them later)."""
     state = meta.load_json("snapshots", vid + ".json")
-    if not isinstance(state, dict) or not all(isinstance(state.get(k), str) for k in ("local", "name")):
-        return 0
-    try:
-        return Rotation(open_source(state["local"], state["name"], create=True), meta, vid).drop()
-    except Fail:
-        return 0
+    if isinstance(state, dict) and all(isinstance(state.get(k), str) for k in ("local", "name")):
+        with contextlib.suppress(Fail):
+            return Rotation(open_source(state["local"], state["name"], create=True), meta, vid).drop()
+    return 0
 
 
 def monitor(opts, names=None):
@@ -279,13 +270,10 @@ def monitor(opts, names=None):
     and replace its snapshot with a new one; remove the snapshots of a
     volume that is gone from the pool (a removed qube's).  Returns (volume,
     chunks now pending, or what was done or why not) for the volumes of
-    --local."""
-    out = []
-    for meta, vid, state in list(states(opts.meta_dir)):
-        name = state.get("name")
-        if state.get("local") == opts.local and (names is None or name in names):
-            out.append((name, _fold(opts.local, meta, vid, name)))
-    return out
+    --local (every state is listed before the first is folded)."""
+    return [(state.get("name"), _fold(opts.local, meta, vid, state.get("name")))
+            for meta, vid, state in list(states(opts.meta_dir))
+            if state.get("local") == opts.local and (names is None or state.get("name") in names)]
 
 
 def _fold(local, meta, vid, name):

@@ -31,8 +31,7 @@ from lxml import etree
 from ..errors import Fail
 
 SECTOR = 512
-CHANGES = frozenset(("different", "left_only", "right_only"))
-KINDS = CHANGES | {"same"}
+KINDS = frozenset(("same", "different", "left_only", "right_only"))
 
 
 def _number(elem, name):
