@@ -35,6 +35,7 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["
 from qubeswyng import cli  # noqa: E402
 from qubeswyng.archive import Archive  # noqa: E402
 from qubeswyng.commands import prune  # noqa: E402
+from qubeswyng.manifest import ChunkMap  # noqa: E402
 
 import workload  # noqa: E402
 
@@ -108,15 +109,14 @@ def bench_gc(b, total, volumes=10):
     try:
         per = total // volumes
         for v in range(volumes):
-            ids = []
+            ids = ChunkMap(per)
             for i in range(per):
                 data = b"%d:%d" % (v, i)
-                cid = archive.keys.chunk_id(data)
+                ids[i] = cid = archive.keys.chunk_id(data)
                 archive.put_chunk(cid, data)
-                ids.append(cid)
             vol = archive.add_volume("vol%02d" % v)
             ses = {"name": "20260101-000000", "time": 1767225600, "size": per * archive.chunk_size, "tags": {}}
-            archive.write_manifest(vol, ses, "", per, enumerate(ids))
+            archive.write_manifest(vol, ses, "", ids, b"\xff" * (per // 8) + bytes([(1 << per % 8) - 1]))
             vol["sessions"].append(ses)
             archive.agent_stats()
         archive.commit()

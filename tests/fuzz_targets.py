@@ -366,12 +366,22 @@ class Manifest(Target):
     def seeds(self):
         m = self.m
         head = self.expect._replace(count=5, time=1)
-        entries = [(i * 7, bytes([i]) * 32) for i in range(5)]
-        good = b"".join(m.encode(self.k, head, iter(entries)))
+        good = encode_entries(self.k, head, [(i * 7, bytes([i]) * 32) for i in range(5)])
         return [b"\1\100" + good[:-32], b"\0\3" + good, b"\1\0" + head._replace(count=0).pack()]
 
 
 # -- dom0: settings records --------------------------------------------------------------
+
+def encode_entries(keys, head, entries):
+    """A manifest listing ``entries`` ((index, id) in order) as dom0 writes it."""
+    from qubeswyng import manifest
+    count = manifest.chunk_count(head.size, head.chunk_size)
+    ids, listed = manifest.ChunkMap(count), bytearray((count + 7) // 8)
+    for index, cid in entries:
+        ids[index] = cid
+        listed[index >> 3] |= 1 << (index & 7)
+    return b"".join(manifest.encode(keys, head, ids, listed))
+
 
 def _record():
     return {"version": 2, "name": "work", "class": "AppVM", "label": "blue", "template": "fedora-40",

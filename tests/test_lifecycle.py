@@ -364,6 +364,7 @@ def test_an_archive_with_many_sessions(wyng, tmp_path):
     take minutes) are checked, counted and pruned in one request each."""
     from qubeswyng import cli
     from qubeswyng.archive import Archive
+    from qubeswyng.manifest import ChunkMap
     wyng.init("--chunk-factor=1")
     archive = Archive(cli.parse(wyng.args(["send"]))).open(write=True)
     try:
@@ -374,8 +375,8 @@ def test_an_archive_with_many_sessions(wyng, tmp_path):
             archive.put_chunk(cid, data)
             ses = {"name": time.strftime("%Y%m%d-%H%M%S", time.gmtime(1767225600 + 60 * n)),
                    "time": 1767225600 + 60 * n, "size": len(data), "tags": {}}
-            archive.write_manifest(vol, ses, vol["sessions"][-1]["name"] if vol["sessions"] else "", 1,
-                                   [(0, cid)])
+            archive.write_manifest(vol, ses, vol["sessions"][-1]["name"] if vol["sessions"] else "",
+                                   ChunkMap(ids=bytearray(cid)), b"\1")
             vol["sessions"].append(ses)
         archive.commit()
     finally:

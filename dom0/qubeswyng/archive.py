@@ -211,15 +211,17 @@ class Archive(contextlib.AbstractContextManager):
                 pass
             raise
 
-    def write_manifest(self, vol, ses, parent, count, entries):
+    def write_manifest(self, vol, ses, parent, ids, listed):
         """Store a manifest for the session record ``ses`` (name, time, size
-        and tags set) after session ``parent`` ("" for none), listing
-        ``count`` (index, id) ``entries``.  Fills in the record's manifest
-        name, MAC and count; the caller puts it in the root."""
+        and tags set) after session ``parent`` ("" for none), listing the
+        chunks of the ChunkMap ``ids`` whose bits are set in ``listed``.
+        Fills in the record's manifest name, MAC and count; the caller puts
+        it in the root."""
         mid = os.urandom(16)
+        count = manifest.count_set(listed)
         head = Head(self.chunk_size, self.header.archive_id, bytes.fromhex(vol["id"]),
                     ses["name"], ses["time"], ses["size"], count, parent)
-        last = self.link.send_stream(wire.PUT_MANIFEST, mid, manifest.encode(self.keys, head, entries))
+        last = self.link.send_stream(wire.PUT_MANIFEST, mid, manifest.encode(self.keys, head, ids, listed))
         ses.update(manifest=mid.hex(), mac=last[-32:].hex(), changed=count)
         point("dom0:after-manifest")
         return ses

@@ -34,7 +34,8 @@ class ChunkMap:
         return len(self.ids) // 32
 
     def resize(self, count):
-        self.ids[32 * count:] = bytes(32 * max(0, count - len(self)))  # cut, or zero ids appended
+        del self.ids[32 * count:]  # cut, or zero ids appended (+= of bytes: no second copy in memory)
+        self.ids += bytes(32 * max(0, count - len(self)))
 
     def __getitem__(self, i):
         return bytes(self.ids[32 * i:32 * i + 32])
@@ -56,19 +57,58 @@ class Head(collections.namedtuple("Head", "chunk_size archive_id volume_id sessi
                          self.session.encode(), self.time, self.size, self.count, self.parent.encode())
 
 
-def encode(keys, head, entries):
-    """Yield the manifest in parts of at most PART bytes, MAC last.
-    ``entries`` yields (index, id) in increasing index order."""
+def encode(keys, head, ids, listed):
+    """Yield the manifest in parts of at most PART bytes, MAC last: an
+    entry for each chunk whose bit is set in the bitmap ``listed``, its id
+    from the ChunkMap ``ids``."""
     mac = hmac.new(keys.mac, LABEL, hashlib.sha256)
     part = bytearray(head.pack())
-    for index, cid in entries:
-        part += ENTRY.pack(index, cid)
-        if len(part) > PART - ENTRY.size - MAC_SIZE:
-            mac.update(part)
-            yield bytes(part)
-            part = bytearray()
+    for first, stop in runs(listed, len(ids)):
+        while first < stop:
+            n = min(stop - first, (PART - MAC_SIZE - len(part)) // ENTRY.size)
+            part += packed(ids.ids, first, first + n)
+            first += n
+            if len(part) > PART - ENTRY.size - MAC_SIZE:
+                mac.update(part)
+                yield bytes(part)
+                part = bytearray()
     mac.update(part)
     yield bytes(part) + mac.digest()
+
+
+def count_set(bits):
+    """How many bits of the bitmap ``bits`` are set."""
+    return bin(int.from_bytes(bits, "little")).count("1")
+
+
+def runs(bits, count):
+    """(first, stop) of each run of set bits of the bitmap ``bits`` below
+    ``count``; bytes all set or all clear are passed over whole."""
+    first = None
+    for byte, value in enumerate(bits):
+        if value == (0 if first is None else 255):
+            continue
+        for i in range(8 * byte, min(8 * byte + 8, count)):
+            if value >> (i & 7) & 1 and first is None:
+                first = i
+            elif not value >> (i & 7) & 1 and first is not None:
+                yield first, i
+                first = None
+    if first is not None:
+        yield first, count
+
+
+def packed(ids, first, stop):
+    """The entries of chunks [first, stop) as stored: index bytes and id
+    bytes interleaved by slice assignment (C loops, not one per entry)."""
+    if stop - first < 16:  # a short run: entry by entry is quicker
+        return b"".join(ENTRY.pack(i, ids[32 * i:32 * i + 32]) for i in range(first, stop))
+    out, index = bytearray(ENTRY.size * (stop - first)), struct.pack(">%dQ" % (stop - first), *range(first, stop))
+    for j in range(8):
+        out[j::ENTRY.size] = index[j::8]
+    for j in range(32):
+        out[8 + j::ENTRY.size] = ids[32 * first + j:32 * stop:32]
+    return out
 
 
 def read(keys, parts, expect_mac, expect):

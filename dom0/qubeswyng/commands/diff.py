@@ -40,12 +40,13 @@ def compare(archive, volume, opts):
         st = {"volume": volume.name, "session": ses["name"], "size": reader.size, "archived_size": ses["size"],
               "chunks": count, "chunks_differ": 0, "bytes_differ": 0}
         progress = Progress(opts, volume.name, reader.size)
-        for i, data in reader.chunks(cs):
+        for index, data in reader.chunks(cs):
             cid = ZERO if data is None or data == zero[:len(data)] else archive.keys.chunk_id(data)
-            if i >= len(chunk_map) or chunk_map[i] != cid:
-                st["chunks_differ"] += 1
-                st["bytes_differ"] += min(cs, reader.size - i * cs)
-            progress.update(i * cs)
+            for i in index if data is None else (index,):  # data None: a run of hole chunks
+                if i >= len(chunk_map) or chunk_map[i] != cid:
+                    st["chunks_differ"] += 1
+                    st["bytes_differ"] += min(cs, reader.size - i * cs)
+                progress.update(i * cs)
         progress.close()
     finally:
         reader.close()

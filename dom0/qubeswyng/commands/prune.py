@@ -129,17 +129,14 @@ def _merge(archive, vol, run, i, parent):
     folded in: 32 bytes and a bit per chunk of session ``i``."""
     nxt = vol["sessions"][i]
     count = chunk_count(nxt["size"], archive.chunk_size)
-    ids, listed, n = ChunkMap(count), bytearray((count + 7) // 8), 0
+    ids, listed = ChunkMap(count), bytearray((count + 7) // 8)
     for j in run + [i]:
         for index, cid in archive.read_manifest(vol, j):
             if index < count:
                 ids[index] = cid
-                bit = 1 << (index & 7)
-                n += not listed[index >> 3] & bit
-                listed[index >> 3] |= bit
-    entries = ((x, ids[x]) for x in range(count) if listed[x >> 3] >> (x & 7) & 1)
+                listed[index >> 3] |= 1 << (index & 7)
     record = {k: nxt[k] for k in ("name", "time", "size", "tags")}
-    return archive.write_manifest(vol, record, parent, n, entries)
+    return archive.write_manifest(vol, record, parent, ids, listed)
 
 
 STEP = {"on": 3, "min": 1}  # autoprune candidates removed per volume and round (full: all at once)

@@ -15,7 +15,7 @@ import time
 from ..archive import Archive, ahead
 from ..clock import now
 from ..errors import Fail
-from ..manifest import ZERO, chunk_count
+from ..manifest import ZERO, chunk_count, count_set
 from ..progress import Progress, notice, say, size
 from ..sources import open_source
 from ..sources.image import ImageSource
@@ -101,14 +101,22 @@ def send_volume(archive, name, source, session, tags, opts, lost):
 
     def chunk_id(item):  # on ahead's worker: bytes == bytes is a memcmp
         return ZERO if item[1] == zero[:len(item[1])] else keys.chunk_id(item[1])
-    for (index, data), cid in ahead(chunk_id, reader.chunks(cs, wanted)):
+
+    def without_holes(items):  # of a run of hole chunks, only those the parent held data in can differ
+        for index, data in items:
+            if data is not None:
+                yield index, data
+                continue
+            low, high = 32 * index.start, 32 * min(index.stop, old_count)
+            if low < high and chunk_map.ids.count(0, low, high) != high - low:
+                yield from ((i, None) for i in range(index.start, high // 32) if chunk_map[i] != ZERO)
+    for (index, data), cid in ahead(chunk_id, without_holes(reader.chunks(cs, wanted))):
         cid = cid or ZERO  # data None: a hole
         if data is not None:
             st["chunks_read"] += 1
             st["bytes_read"] += len(data)
         if index >= old_count or chunk_map.ids[32 * index:32 * index + 32] != cid:
             changed[index >> 3] |= 1 << (index & 7)
-            st["chunks_changed"] += 1
             chunk_map[index] = cid
             if cid != ZERO:
                 archive.put_chunk(cid, data)
@@ -119,6 +127,10 @@ def send_volume(archive, name, source, session, tags, opts, lost):
             st["chunks_repaired"] += 1
         progress.update(index * cs)
     progress.close()
+    if count > old_count:  # every chunk past the parent's end is listed, holes too (not met one by one)
+        bits = int.from_bytes(changed, "little") | ((1 << count - old_count) - 1) << old_count
+        changed[:] = bits.to_bytes(len(changed), "little")
+    st["chunks_changed"] = count_set(changed)
     after, sent = archive.agent_stats(), st["chunks_sent"] + st["chunks_repaired"]
     # the agent's figures, only shown, kept within what they can be (a sealed chunk adds < 64 bytes)
     st["chunks_deduplicated"] = min(max(0, after[1] - before[1]), sent)
@@ -126,10 +138,8 @@ def send_volume(archive, name, source, session, tags, opts, lost):
     if opts.dry_run or st["chunks_changed"] == 0 and reader.size == old_size and not opts.send_unchanged:
         st["session"] = None
         return st, None
-    entries = ((i, chunk_map[i]) for i in range(count) if changed[i >> 3] & (1 << (i & 7)))
     ses = {"name": session[0], "time": session[1], "size": reader.size, "tags": tags}
-    archive.write_manifest(vol, ses, vol["sessions"][-1]["name"] if vol["sessions"] else "",
-                           st["chunks_changed"], entries)
+    archive.write_manifest(vol, ses, vol["sessions"][-1]["name"] if vol["sessions"] else "", chunk_map, changed)
     vol["sessions"].append(ses)
     st["session"] = session[0]
     return st, (vol, ses, chunk_map)

@@ -1,12 +1,14 @@
 """The image source: any regular file or block device, read in full.
 
 Holes (SEEK_DATA/SEEK_HOLE) are not read: a chunk wholly inside a hole is
-a zero chunk.  Every other chunk is read and its id compared with the
+a zero chunk, and a full read hands on a hole's chunks as one run, so a
+big volume holding little data costs about what its data does.  Every other chunk is read and its id compared with the
 parent session's, so the cost is a full read of the allocated data.
 """
 import collections
 import contextlib
 import errno
+import itertools
 import mmap
 import os
 import stat
@@ -69,25 +71,38 @@ class ImageSource(FullRead):
             pos = end
 
     def chunks(self, chunk_size, wanted=None):
-        """Yield (index, data) for every chunk; data is None for a chunk in
-        a hole, else bytes of its own (read straight into them: no copy).
-        ``wanted`` (a sorted iterable of indexes) limits what is read."""
+        """Yield (index, data) for every chunk, data bytes of its own (read
+        straight into them: no copy), and (range of indexes, None) for a run
+        of chunks wholly in a hole, which are not read.  ``wanted`` (a sorted
+        iterable of indexes) limits what is read."""
         count = -(-self.size // chunk_size)
         # chunk runs [first, stop) that touch data, walked forward with the indexes
         ranges = ((start // chunk_size, -(-end // chunk_size)) for start, end in self.data_ranges())
-        first, stop, read = 0, 0, self._direct(chunk_size) if wanted is None else None
-        for index in range(count) if wanted is None else self._announced(wanted, chunk_size):
+        if wanted is None:
+            read, pos = self._direct(chunk_size), 0
+            for first, stop in itertools.chain(ranges, [(count, count)]):
+                if pos < first:
+                    yield range(pos, first), None
+                for index in range(max(pos, first), stop):
+                    yield index, self._read(index, chunk_size, read)
+                pos = max(pos, stop)
+            return
+        first, stop = 0, 0
+        for index in self._announced(wanted, chunk_size):
             while index >= stop:
                 first, stop = next(ranges, (count, index + 1))
             if index < first:
-                yield index, None
-                continue
-            offset = index * chunk_size
-            length = min(chunk_size, self.size - offset)
-            data = read(length, offset) if read else os.pread(self.fd, length, offset)
-            if len(data) != length:
-                raise Fail("%s: short read at byte %d (did it shrink?)" % (self.path, offset + len(data)))
-            yield index, data
+                yield range(index, index + 1), None
+            else:
+                yield index, self._read(index, chunk_size)
+
+    def _read(self, index, chunk_size, read=None):
+        offset = index * chunk_size
+        length = min(chunk_size, self.size - offset)
+        data = read(length, offset) if read else os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise Fail("%s: short read at byte %d (did it shrink?)" % (self.path, offset + len(data)))
+        return data
 
     def _direct(self, chunk_size):
         """A read of the whole volume goes around the page cache: O_DIRECT
