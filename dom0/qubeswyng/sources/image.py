@@ -2,8 +2,9 @@
 
 Holes (SEEK_DATA/SEEK_HOLE) are not read: a chunk wholly inside a hole is
 a zero chunk, and a full read hands on a hole's chunks as one run, so a
-big volume holding little data costs about what its data does.  Every other chunk is read and its id compared with the
-parent session's, so the cost is a full read of the allocated data.
+big volume holding little data costs about what its data does.  Every
+other chunk is read and its id compared with the parent session's, so the
+cost is a full read of the allocated data.
 """
 import collections
 import contextlib
