@@ -346,17 +346,19 @@ def children(pid):
 
 
 class Sshd:
-    """OpenSSH's sshd on two loopback ports with throw-away host and user
+    """OpenSSH's sshd on three loopback ports with throw-away host and user
     keys.  ``port``: root, with a shell.  ``sftp_port``: the SFTP-only
     account (``nobody``: ``ForceCommand internal-sftp``, chrooted to
     ``chroot``, which like every folder above it is root's; it writes in
-    ``chroot/data``).  ``ssh_config`` is a client configuration with host
-    aliases ``wyng-test`` and ``wyng-sftp``; the agent uses it through
-    ``WYNG_SSH_COMMAND``."""
+    ``chroot/data``).  ``one_session_port``: root, one session per
+    connection (``MaxSessions 1``).  ``ssh_config`` is a client
+    configuration with host aliases ``wyng-test``, ``wyng-sftp`` and
+    ``wyng-one``; the agent uses it through ``WYNG_SSH_COMMAND``.  ``log``:
+    what sshd logged (``LogLevel VERBOSE``: logins and sessions)."""
 
     def __init__(self, base):
         self.base = base
-        self.port, self.sftp_port = free_port(), free_port()
+        self.port, self.sftp_port, self.one_session_port = free_port(), free_port(), free_port()
         # ChrootDirectory refuses a path below a folder others may write
         # (/tmp); sshd reads authorized keys as the user
         self.top = Path(tempfile.mkdtemp(prefix="wyng-sshd-", dir="/run"))
@@ -373,17 +375,21 @@ class Sshd:
             shutil.copy(base / "user.pub", keys / user)
             (keys / user).chmod(0o644)
         (base / "sshd_config").write_text(
-            "ListenAddress 127.0.0.1:%d\nListenAddress 127.0.0.1:%d\nHostKey %s\nPidFile none\n"
+            "ListenAddress 127.0.0.1:%d\nListenAddress 127.0.0.1:%d\nListenAddress 127.0.0.1:%d\n"
+            "HostKey %s\nPidFile none\nLogLevel VERBOSE\n"
             "AuthorizedKeysFile %s/%%u\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n"
             "Match LocalPort %d\n  ForceCommand internal-sftp\n  ChrootDirectory %s\n"
-            % (self.port, self.sftp_port, base / "host", keys, self.sftp_port, self.chroot))
+            "Match LocalPort %d\n  MaxSessions 1\n"
+            % (self.port, self.sftp_port, self.one_session_port, base / "host", keys, self.sftp_port, self.chroot,
+               self.one_session_port))
+        self.log = base / "sshd.log"
         self.known_hosts = base / "known_hosts"
         self.known_hosts.write_text("wyng-sshd " + (base / "host.pub").read_text())
         self.ssh_config = self.config(base / "ssh_config")
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation folder
         self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd_config")],
-                                     stderr=open(base / "sshd.log", "wb"))
+                                     stderr=open(self.log, "wb"))
         wait_for_port(self.port, self.proc, "sshd")
 
     def config(self, path, key="user", known_hosts=None):
@@ -391,9 +397,10 @@ class Sshd:
         path.write_text(
             "Host wyng-test\n  HostName 127.0.0.1\n  Port %d\n  User root\n"
             "Host wyng-sftp\n  HostName 127.0.0.1\n  Port %d\n  User nobody\n"
+            "Host wyng-one\n  HostName 127.0.0.1\n  Port %d\n  User root\n"
             "Host *\n  IdentityFile %s\n  IdentitiesOnly yes\n  UserKnownHostsFile %s\n"
             "  GlobalKnownHostsFile /dev/null\n  HostKeyAlias wyng-sshd\n  ConnectTimeout 10\n"
-            % (self.port, self.sftp_port, self.base / key, known_hosts or self.known_hosts))
+            % (self.port, self.sftp_port, self.one_session_port, self.base / key, known_hosts or self.known_hosts))
         return path
 
     def command(self, config=None):

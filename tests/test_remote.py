@@ -180,6 +180,23 @@ def test_ssh_connection_dropped_mid_send(sshd, tmp_path):
     _intact_and_resumed(wyng, small, big)
 
 
+def test_ssh_one_connection_carries_several_sftp_sessions(sshd, tmp_path):
+    """A command logs in once and opens its SFTP sessions on that connection;
+    a server that allows one session per connection gets one, and works."""
+    image = make(tmp_path / "image", 8 * MiB, [(0, 8 * MiB, "random")], seed=7)
+    for host, sessions in (("wyng-test", 4), ("wyng-one", 1)):
+        wyng = Wyng(tmp_path / host)
+        wyng.dest = "ssh://%s%s" % (host, wyng.archive)
+        wyng.init()
+        for command in (lambda: wyng.send(VOLUME, image), lambda: wyng.receive(VOLUME, tmp_path / host / "out")):
+            logged = len(sshd.log.read_text().splitlines())
+            command()
+            said = sshd.log.read_text().splitlines()[logged:]
+            assert sum("Accepted publickey" in line for line in said) == 1
+            assert sum("Starting session: subsystem 'sftp'" in line for line in said) == sessions
+        assert same(image, tmp_path / host / "out")
+
+
 def test_ssh_refuses_strangers_and_changed_host_keys(sshd, tmp_path):
     wyng = Wyng(tmp_path)
     wyng.dest = "ssh://wyng-test%s" % wyng.archive

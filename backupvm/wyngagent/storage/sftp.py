@@ -136,8 +136,9 @@ class Parser:
 class Connection:
     """An SFTP session over a child process's stdin and stdout."""
 
-    def __init__(self, argv, what):
+    def __init__(self, argv, what, master=None):
         self.what = what  # "ssh user@host", for messages
+        self.master = master  # the Connection whose ssh this one multiplexes through
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, bufsize=0)
@@ -229,6 +230,8 @@ class Connection:
             code = None
         self.stderr_thread.join(1)
         said = list(self.stderr)
+        if self.master is not None and self.master.proc.poll() is not None:
+            return self.master._lost()  # it lost the connection: what its ssh said is the reason
         reason = said[-1] if said else "exit status %s" % code
         if any("IDENTIFICATION HAS CHANGED" in s for s in said):
             reason = "the server's host key has CHANGED (an attack, or a reinstalled server): " + reason

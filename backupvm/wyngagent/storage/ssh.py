@@ -7,16 +7,24 @@ ssh runs with the user's own configuration: keys, ssh-agent, known_hosts,
 ``~/.ssh/config`` aliases, ProxyJump.  It never asks (BatchMode): an
 unknown host key is refused unless that configuration accepts new keys,
 and a changed key is always refused (``StrictHostKeyChecking no`` becomes
-``accept-new``).  One ssh process and one SFTP session serve a whole
-command, with many requests in flight.
+``accept-new``).  One ssh connection serves a whole command, with many
+requests in flight on each of its SESSIONS SFTP sessions (ssh's own
+multiplexing: a session's channel moves at most its window, 2 MiB, per
+round trip, and has a server process of its own).  Every object goes
+through the session its folder hashes to, so that a folder's MKDIR comes
+before the OPENs below it on the same session.
 """
 import collections
+import contextlib
 import errno
 import os
 import secrets
 import shlex
+import shutil
 import subprocess
+import tempfile
 import threading
+import zlib
 
 from . import Store, StoreError
 from . import sftp as S
@@ -25,6 +33,7 @@ from .local import TMP_SUFFIX
 WRITE_WINDOW = 16  # writes of one object in flight
 READ_WINDOW = 8  # reads ahead of one reader
 READDIRS = 4  # READDIR requests in flight for one folder
+SESSIONS = 4  # SFTP sessions on the one ssh connection
 SAFE_IO = 32768  # the read and write size every SFTP server must take
 FILE_MODE, FOLDER_MODE = 0o600, 0o700
 USAGE = "ssh: takes the form ssh://[user@]host[:port]/absolute/path"
@@ -44,8 +53,9 @@ def open_url(url):
 
 
 def ssh_argv(user, host, port):
-    """The ssh command line: ``WYNG_SSH_COMMAND`` (default ``ssh``), with
-    what must hold whatever the configuration says."""
+    """The ssh command line, as (options, destination and command):
+    ``WYNG_SSH_COMMAND`` (default ``ssh``), with what must hold whatever the
+    configuration says."""
     base = shlex.split(os.environ.get("WYNG_SSH_COMMAND", "ssh"))
     target = (["-p", port] if port else []) + (["-l", user] if user else [])
     config = effective_config(base + target + ["-G", "--", host])
@@ -55,7 +65,7 @@ def ssh_argv(user, host, port):
         argv.append("-oStrictHostKeyChecking=accept-new")
     if config.get("serveraliveinterval", "0") == "0":  # notice a peer that went silent
         argv += ["-oServerAliveInterval=15", "-oServerAliveCountMax=4"]
-    return argv + target + ["-s", "--", host, "sftp"]
+    return argv + target, ["-s", "--", host, "sftp"]
 
 
 def effective_config(argv):
@@ -77,7 +87,8 @@ class SSHStore(Store):
         who = (user + "@" if user else "") + host
         self.root = root.rstrip("/")
         self.location = "ssh://%s%s%s" % (who, ":" + port if port else "", root)
-        self.conn = S.Connection(ssh_argv(user, host, port), "ssh " + who)
+        self.conns = self._connect(*ssh_argv(user, host, port), "ssh " + who)
+        self.conn = self.conns[0]  # for what belongs to no folder
         ext = self.conn.extensions
         # without posix-rename, SFTP's RENAME never replaces: chunks only
         self.atomic_replace = "posix-rename@openssh.com" in ext
@@ -89,6 +100,32 @@ class SSHStore(Store):
             self.max_read, self.max_write = read or SAFE_IO, write or SAFE_IO
         self.dirs, self.dir_lock = set(), threading.Lock()
 
+    def _connect(self, argv, tail, what):
+        """The first session starts the connection and listens for more on
+        a socket in a private folder; each further one is a multiplexing
+        client of it.  A server that allows fewer sessions gets fewer."""
+        # in /tmp: a socket's path must be short (OpenSSH gives up past 107 bytes)
+        self.control = tempfile.mkdtemp(prefix="wyng-ssh-", dir="/tmp")
+        socket = os.path.join(self.control, "socket")
+        try:
+            conns = [S.Connection(argv + ["-oControlMaster=yes", "-oControlPersist=no", "-oControlPath=" + socket]
+                                  + tail, what)]
+        except StoreError:
+            shutil.rmtree(self.control, ignore_errors=True)
+            raise
+        with contextlib.suppress(StoreError):
+            # no socket: the first one did not listen.  A client whose session
+            # the first one cannot open would log in on its own: its
+            # ProxyCommand (which comes before any ProxyJump) makes that fail
+            while len(conns) < SESSIONS and os.path.exists(socket):
+                conns.append(S.Connection(argv + ["-oControlMaster=no", "-oControlPath=" + socket,
+                                                  "-oProxyCommand=false"] + tail, what, master=conns[0]))
+        return conns
+
+    def _on(self, name):
+        """The session that serves objects in ``name``'s folder."""
+        return self.conns[zlib.crc32(name.rpartition("/")[0].encode()) % len(self.conns)]
+
     def _path(self, name):
         return (self.root + "/" + name if name else self.root or "/").encode("utf-8", "surrogateescape")
 
@@ -96,7 +133,7 @@ class SSHStore(Store):
     def make_root(self):
         parts = self.root.split("/")
         failed = None
-        for reply in [self._mkdir("/".join(parts[:i]).encode()) for i in range(2, len(parts) + 1)]:
+        for reply in [self._mkdir(self.conn, "/".join(parts[:i]).encode()) for i in range(2, len(parts) + 1)]:
             try:
                 reply.wait()
             except OSError as e:  # it exists, or is above a chroot: the check below says
@@ -112,13 +149,14 @@ class SSHStore(Store):
         path = self._path(name)
         temp = path + (TMP_SUFFIX + secrets.token_hex(4)).encode()
         self._put(temp, name, parts)
+        conn = self._on(name)
         try:
             if self.atomic_replace:
-                self.conn.extended("posix-rename@openssh.com", S.string(temp), S.string(path), path=name).wait()
+                conn.extended("posix-rename@openssh.com", S.string(temp), S.string(path), path=name).wait()
             else:
-                self.conn.call(S.RENAME, S.string(temp), S.string(path), path=name)
+                conn.call(S.RENAME, S.string(temp), S.string(path), path=name)
         except OSError:
-            self._forget(temp)
+            self._forget(conn, temp)
             raise
 
     def create_exclusive(self, name, data):
@@ -126,10 +164,11 @@ class SSHStore(Store):
         path = self._path(name)
         temp = path + (TMP_SUFFIX + secrets.token_hex(4)).encode()
         self._put(temp, name, data)
+        conn = self._on(name)
         try:
-            self.conn.call(S.RENAME, S.string(temp), S.string(path), path=name)
+            conn.call(S.RENAME, S.string(temp), S.string(path), path=name)
         except S.Failure:
-            self._forget(temp)
+            self._forget(conn, temp)
             if self.size(name) is None:
                 raise
             return False
@@ -137,25 +176,26 @@ class SSHStore(Store):
 
     def _put(self, temp, name, parts):
         """Write a new file, fsynced, in one round trip after the open."""
+        conn = self._on(name)
         handle = self._open(temp, name, S.OPEN_WRITE | S.OPEN_CREAT | S.OPEN_EXCL)
         replies, offset, closed = collections.deque(), 0, False
         try:
             for piece, length in _pieces(parts, self.max_write):
-                replies.append(self.conn.request(S.WRITE, handle, S.U64.pack(offset), S.U32.pack(length), *piece,
+                replies.append(conn.request(S.WRITE, handle, S.U64.pack(offset), S.U32.pack(length), *piece,
                                                  path=name))
                 offset += length
                 if len(replies) > WRITE_WINDOW:
                     replies.popleft().wait()
             if self.fsync:
-                replies.append(self.conn.extended("fsync@openssh.com", handle, path=name))
+                replies.append(conn.extended("fsync@openssh.com", handle, path=name))
             closed = True
-            replies.append(self.conn.request(S.CLOSE, handle, path=name))
+            replies.append(conn.request(S.CLOSE, handle, path=name))
             for reply in replies:
                 reply.wait()
         except BaseException as e:
             if not closed:
-                self._forget(None, handle)
-            self._forget(temp)
+                self._forget(conn, None, handle)
+            self._forget(conn, temp)
             if isinstance(e, S.Failure) and self._full():
                 raise StoreError(errno.ENOSPC, "no space left on the server", self.location) from None
             raise
@@ -165,7 +205,7 @@ class SSHStore(Store):
         for attempt in (1, 2):
             self._folders(name, wait=attempt == 2)
             try:
-                return S.string(S.Parser(self.conn.call(
+                return S.string(S.Parser(self._on(name).call(
                     S.OPEN, S.string(path), S.U32.pack(flags), S.U32.pack(S.ATTR_PERMISSIONS),
                     S.U32.pack(FILE_MODE), path=name)[1]).string())
             except FileNotFoundError:
@@ -174,13 +214,13 @@ class SSHStore(Store):
                 self.dirs.clear()  # a folder went away, or the server reordered: make them again and wait
 
     def _folders(self, name, wait=False):
-        parts = name.split("/")[:-1]
+        parts, conn = name.split("/")[:-1], self._on(name)
         for i in range(1, len(parts) + 1):
             folder = "/".join(parts[:i])
             if folder not in self.dirs:
                 with self.dir_lock:
                     if folder not in self.dirs:
-                        reply = self._mkdir(self._path(folder))
+                        reply = self._mkdir(conn, self._path(folder))
                         if wait:
                             try:
                                 reply.wait()
@@ -188,16 +228,18 @@ class SSHStore(Store):
                                 pass
                         self.dirs.add(folder)  # after the MKDIR went out: later OPENs follow it
 
-    def _mkdir(self, path):
-        return self.conn.request(S.MKDIR, S.string(path), S.U32.pack(S.ATTR_PERMISSIONS), S.U32.pack(FOLDER_MODE))
+    @staticmethod
+    def _mkdir(conn, path):
+        return conn.request(S.MKDIR, S.string(path), S.U32.pack(S.ATTR_PERMISSIONS), S.U32.pack(FOLDER_MODE))
 
-    def _forget(self, path, handle=None):
+    @staticmethod
+    def _forget(conn, path, handle=None):
         """Remove a temporary file (or close a handle) without waiting."""
         try:
             if handle:
-                self.conn.request(S.CLOSE, handle)
+                conn.request(S.CLOSE, handle)
             else:
-                self.conn.request(S.REMOVE, S.string(path))
+                conn.request(S.REMOVE, S.string(path))
         except OSError:
             pass
 
@@ -210,22 +252,22 @@ class SSHStore(Store):
 
     def delete(self, name):
         try:
-            self.conn.call(S.REMOVE, S.string(self._path(name)), path=name)
+            self._on(name).call(S.REMOVE, S.string(self._path(name)), path=name)
         except FileNotFoundError:
             pass
 
     # -- reading --------------------------------------------------------------
     def open(self, name):
         """OPEN and LSTAT go out together; the size sets how far to read ahead."""
-        path = self._path(name)
-        opening, stat = self.conn.request(S.OPEN, S.string(path), S.U32.pack(S.OPEN_READ), S.U32.pack(0),
+        path, conn = self._path(name), self._on(name)
+        opening, stat = conn.request(S.OPEN, S.string(path), S.U32.pack(S.OPEN_READ), S.U32.pack(0),
                                           path=name), self._lstat(path, name)
         handle = S.string(S.Parser(opening.wait()[1]).string())
         try:
             size = stat.wait_attrs()[0]
         except OSError:
             size = None
-        return _Reader(self, handle, name, size or 0)
+        return _Reader(conn, handle, name, size or 0, self.max_read)
 
     def read(self, name):
         with self.open(name) as reader:
@@ -243,18 +285,19 @@ class SSHStore(Store):
         return out
 
     def _lstat(self, path, name):
-        return _Attrs(self.conn.request(S.LSTAT, S.string(path), path=name))
+        return _Attrs(self._on(name).request(S.LSTAT, S.string(path), path=name))
 
     def list(self, prefix, recursive=True):
+        conn = self._on(prefix + "/")
         try:
-            handle = S.string(S.Parser(self.conn.call(S.OPENDIR, S.string(self._path(prefix)),
+            handle = S.string(S.Parser(conn.call(S.OPENDIR, S.string(self._path(prefix)),
                                                       path=prefix)[1]).string())
         except FileNotFoundError:
             return
         folders, more = [], True
         try:
             while more:
-                for reply in [self.conn.request(S.READDIR, handle, path=prefix) for _ in range(READDIRS)]:
+                for reply in [conn.request(S.READDIR, handle, path=prefix) for _ in range(READDIRS)]:
                     if not reply.ok():
                         more = False
                         continue
@@ -271,7 +314,7 @@ class SSHStore(Store):
                         else:
                             yield name
         finally:
-            self._forget(None, handle)
+            self._forget(conn, None, handle)
         for folder in folders if recursive else ():
             yield from self.list(folder)
 
@@ -283,7 +326,9 @@ class SSHStore(Store):
         return bavail * frsize
 
     def close(self):
-        self.conn.close()
+        for conn in reversed(self.conns):  # the first one last: it carries the connection
+            conn.close()
+        shutil.rmtree(self.control, ignore_errors=True)
 
 
 def _pieces(parts, size):
@@ -321,8 +366,8 @@ class _Reader:
     flight ahead of the caller (the first ones sent with no wait beyond
     the open, covering ``expected`` bytes and one read more)."""
 
-    def __init__(self, store, handle, name, expected):
-        self.conn, self.handle, self.name, self.step = store.conn, handle, name, store.max_read
+    def __init__(self, conn, handle, name, expected, step):
+        self.conn, self.handle, self.name, self.step = conn, handle, name, step
         self.expected, self.sent, self.pos = expected, 0, 0
         self.pending, self.parts, self.have, self.eof = collections.deque(), [], 0, False
 
