@@ -43,13 +43,11 @@ def _number(elem, name):
 
 def _add(runs, first, stop):
     """Append [first, stop) to runs, joining it to the last run if they
-    touch; returns False if it lands before the last run (out of order)."""
+    touch (or overlap)."""
     if runs and runs[-1].start <= first <= runs[-1].stop:
-        if stop > runs[-1].stop:
-            runs[-1] = range(runs[-1].start, stop)
-        return True
-    runs.append(range(first, stop))
-    return len(runs) < 2 or runs[-2].stop < first
+        runs[-1] = range(runs[-1].start, max(stop, runs[-1].stop))
+    else:
+        runs.append(range(first, stop))
 
 
 def changed_chunks(xml, chunk_size, volume_size=None):
@@ -62,7 +60,7 @@ def changed_chunks(xml, chunk_size, volume_size=None):
     if isinstance(xml, (bytes, bytearray, memoryview)):
         xml = io.BytesIO(xml)
     limit = float("inf") if volume_size is None else -(-volume_size // chunk_size)
-    runs, ordered, block, diffs, stack = [], True, None, 0, []
+    runs, block, diffs, stack = [], None, 0, []
     parser = etree.iterparse(xml, events=("start", "end"), resolve_entities=False, no_network=True,
                              load_dtd=False, huge_tree=False, remove_comments=True, remove_pis=True)
     try:
@@ -99,17 +97,15 @@ def changed_chunks(xml, chunk_size, volume_size=None):
             first = begin * block // chunk_size
             stop = min(-(-(begin + length) * block // chunk_size), limit)
             if first < stop:
-                ordered = _add(runs, first, stop) and ordered
+                _add(runs, first, stop)
     except etree.XMLSyntaxError as e:
         raise Fail("thin_delta output is not valid XML: %s" % str(e).splitlines()[0]) from None
     if diffs != 1:
         raise Fail("thin_delta output has %d <diff> elements, not 1" % diffs)
-    if not ordered:
-        merged = []
-        for run in sorted(runs, key=lambda r: r.start):
-            _add(merged, run.start, run.stop)
-        runs = merged
-    return runs
+    merged = []  # sorted and joined once more: runs that came out of order join here
+    for run in sorted(runs, key=lambda r: r.start):
+        _add(merged, run.start, run.stop)
+    return merged
 
 
 def _thin_id(value):
