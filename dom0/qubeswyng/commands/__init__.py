@@ -49,6 +49,14 @@ def pick_session(opts, vol):
     raise Fail("volume %r has no session %s" % (vol["name"], "tagged %r" % spec[1:] if spec.startswith("^") else spec))
 
 
+def open_session(opts, archive, name):
+    """(volume, session, its verified chunk map) for volume ``name`` at the
+    session --session names."""
+    vol = archive.require_volume(name)
+    index = pick_session(opts, vol)
+    return vol, vol["sessions"][index], archive.chunk_map(vol, index)
+
+
 def chosen_volumes(opts, archive, default_all=False):
     """The volumes named on the command line (a qube name stands for all its
     volumes), or all with --all (or when none are named and ``default_all``);

@@ -23,7 +23,7 @@ from ..manifest import ZERO
 from ..progress import notice, say
 from ..settings import qube_name, volume as qube_volume
 from ..transport import ProcessTransport, local
-from . import pick_session
+from . import open_session
 
 VERSION = 1
 VOLUME, READ, NOTE = 1, 2, 3  # dom0's first frame; the presenter's requests
@@ -110,12 +110,6 @@ class RangeServer:
                 self.cache.popitem(last=False)
             self.cache[index] = data
             self.fetched += 1
-
-
-def open_session(opts, archive, name):
-    vol = archive.require_volume(name)
-    index = pick_session(opts, vol)
-    return vol, vol["sessions"][index], archive.chunk_map(vol, index)
 
 
 def serve(opts, archive, session, link, who, path="", strict=True, hint=""):

@@ -9,7 +9,7 @@ from ..errors import EXIT_PARTIAL, Fail
 from ..manifest import ZERO, chunk_count
 from ..progress import Progress, size
 from ..sources import open_source
-from . import pick_session
+from . import open_session
 
 
 def run(opts, app):
@@ -30,9 +30,8 @@ def run(opts, app):
 
 
 def compare(archive, volume, opts):
-    vol = archive.require_volume(volume.name)
-    index = pick_session(opts, vol)
-    ses, chunk_map, cs = vol["sessions"][index], archive.chunk_map(vol, index), archive.chunk_size
+    _vol, ses, chunk_map = open_session(opts, archive, volume.name)
+    cs = archive.chunk_size
     reader = volume.reader()
     try:
         count = chunk_count(reader.size, cs)
