@@ -92,10 +92,7 @@ class ImageSource(FullRead):
         for index in self._announced(wanted, chunk_size):
             while index >= stop:
                 first, stop = next(ranges, (count, index + 1))
-            if index < first:
-                yield range(index, index + 1), None
-            else:
-                yield index, self._read(index, chunk_size)
+            yield (range(index, index + 1), None) if index < first else (index, self._read(index, chunk_size))
 
     def _read(self, index, chunk_size, read=None):
         offset = index * chunk_size

@@ -203,9 +203,8 @@ def clean(local, archive_id=None):
     vg, pool = local.split("/")
     removed = []
     for name, lv in report(vg).items():
-        tags = lv["lv_tags"].split(",")
         if lv["pool_lv"] == pool and any(t == TAG + archive_id.hex() if archive_id else
-                                         t.startswith(TAG) and t != TAG + "new" for t in tags):
+                                         t.startswith(TAG) and t != TAG + "new" for t in lv["lv_tags"].split(",")):
             run("lvremove", "-f", "%s/%s" % (vg, name))
             removed.append(("%s/%s" % (vg, name), mapped(lv)))
     return removed

@@ -73,14 +73,15 @@ _CLONE_ERRORS = {errno.EXDEV: "not on the same filesystem",
 def clone(src_path, dst_path):
     """Make ``dst_path`` (which must not exist) a read-only reflink copy of
     ``src_path``, synced to disk.  Nothing is left behind on failure."""
-    src = open_path(src_path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
+    with contextlib.ExitStack() as fds:
+        src = open_path(src_path, os.O_RDONLY | os.O_CLOEXEC)
+        fds.callback(os.close, src)
         dst = open_path(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+        fds.callback(os.close, dst)
         try:
             fcntl.ioctl(dst, FICLONE, src)
             os.fsync(dst)
         except BaseException as e:  # also ^C: never leave a partial snapshot
-            os.close(dst)
             with contextlib.suppress(OSError):
                 os.unlink(dst_path)
             if not isinstance(e, OSError):
@@ -89,9 +90,6 @@ def clone(src_path, dst_path):
                 raise NoSnapshots("filesystem does not support reflinks") from None
             why = _CLONE_ERRORS.get(e.errno, e.strerror)
             raise Fail("cannot reflink %s to %s: %s" % (src_path, dst_path, why)) from None
-        os.close(dst)
-    finally:
-        os.close(src)
 
 
 def extent_map(fd):
@@ -138,8 +136,7 @@ def _segments(extents, limit):
         start, end = max(logical, pos), min(logical + length, limit)
         if start >= end:
             continue
-        key = None if flags & UNRELIABLE else (physical - logical, bool(flags & EXTENT_UNWRITTEN))
-        out.append((start, end, key))
+        out.append((start, end, None if flags & UNRELIABLE else (physical - logical, bool(flags & EXTENT_UNWRITTEN))))
         pos = end
     return out
 
@@ -235,14 +232,12 @@ class Volume:
         """What must not change while a snapshot is kept: a read-only regular
         file of ours with this inode, size, mtime and ctime (a write or
         chmod changes ctime, which nothing can set back); None if absent."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             st = os.lstat(os.path.join(self.dir, snap))
-        except FileNotFoundError:
-            return None
-        if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o400 \
-                or st.st_uid != os.geteuid() or st.st_nlink != 1:
-            return None
-        return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o400 \
+                    and st.st_uid == os.geteuid() and st.st_nlink == 1:
+                return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        return None
 
     def delta(self, old, new, chunk_size):
         """Chunk runs where snapshot ``new`` may differ from ``old`` (records

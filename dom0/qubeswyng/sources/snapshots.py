@@ -31,9 +31,7 @@ SLOTS = ("tick", "tock")
 def merge(runs):
     """Sorted, disjoint [start, stop] chunk runs covering ``runs``."""
     out = []
-    for start, stop in sorted(map(tuple, runs)):
-        if start >= stop:
-            continue
+    for start, stop in sorted((a, b) for a, b in runs if a < b):
         if out and start <= out[-1][1]:
             out[-1][1] = max(out[-1][1], stop)
         else:
@@ -75,8 +73,7 @@ class Rotation:
         here = (state.get("local"), state.get("name")) == (volume.local, volume.name)
         self.records = state.get("records", []) if here else []  # records of another pool do not count
         self.chunk_size = state.get("chunk_size")
-        self.new = self.reader = None
-        self.kept = False
+        self.new, self.reader, self.kept = None, None, False
 
     def current(self, mac):
         """The record for session ``mac`` whose snapshot is present, ours

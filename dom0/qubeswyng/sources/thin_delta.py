@@ -61,10 +61,9 @@ def changed_chunks(xml, chunk_size, volume_size=None):
         xml = io.BytesIO(xml)
     limit = float("inf") if volume_size is None else -(-volume_size // chunk_size)
     runs, block, diffs, stack = [], None, 0, []
-    parser = etree.iterparse(xml, events=("start", "end"), resolve_entities=False, no_network=True,
-                             load_dtd=False, huge_tree=False, remove_comments=True, remove_pis=True)
     try:
-        for event, elem in parser:
+        for event, elem in etree.iterparse(xml, events=("start", "end"), resolve_entities=False, no_network=True,
+                                           load_dtd=False, huge_tree=False, remove_comments=True, remove_pis=True):
             if event == "end":
                 stack.pop()
                 elem.clear()
