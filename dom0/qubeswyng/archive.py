@@ -126,8 +126,7 @@ class Archive(contextlib.AbstractContextManager):
         op, data = self.link.frame((wire.DATA, wire.END, wire.NONE), wire.PART)
         if op == wire.NONE:
             return None
-        more = self.link.parts(MAX_ROOT - len(data)) if op == wire.DATA else ()
-        self.root_blob = data + b"".join(more)
+        self.root_blob = data + b"".join(self.link.parts(MAX_ROOT - len(data)) if op == wire.DATA else ())
         return open_root(self.keys, self.root_blob, self.header.archive_id)
 
     def _load_root(self):

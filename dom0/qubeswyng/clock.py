@@ -11,8 +11,7 @@ import time
 
 
 def now():
-    fixed = os.environ.get("QVM_WYNG_TEST_NOW")
-    return int(fixed) if fixed else int(time.time())
+    return int(os.environ.get("QVM_WYNG_TEST_NOW") or time.time())
 
 
 def point(label):

@@ -60,8 +60,7 @@ class Header:
                 or not 1 <= factor <= 6 or not -7 <= level <= 22:
             raise Fail("the archive header holds unknown settings")
         header = cls(archive_id, cipher, comp, level, factor, (log_n, r, p), salt)
-        header.wrapped = blob[HEADER_FIELDS.size:-32]
-        header.body, header.mac = blob[:-32], blob[-32:]
+        header.wrapped, header.body, header.mac = blob[HEADER_FIELDS.size:-32], blob[:-32], blob[-32:]
         return header
 
     def unlock(self, passphrase):

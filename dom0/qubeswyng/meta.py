@@ -38,8 +38,7 @@ def write_atomic(path, *parts):
 
 class Meta:
     def __init__(self, meta_dir, archive_id):
-        self.archive_id = archive_id
-        self.dir = os.path.join(meta_dir, archive_id.hex())
+        self.archive_id, self.dir = archive_id, os.path.join(meta_dir, archive_id.hex())
 
     def _path(self, *names):
         return os.path.join(self.dir, *names)

@@ -133,10 +133,9 @@ def read_settings(vm, volumes):
         except AttributeError:
             continue  # no value and no default
         props[prop] = value if value is None or type(value) in (bool, int, str) else str(value)
-    templated = vm.klass in ("AppVM", "DispVM")
     return check({
         "version": VERSION, "name": vm.name, "class": vm.klass, "label": str(vm.label),
-        "template": str(vm.template) if templated else None, "properties": props,
+        "template": str(vm.template) if vm.klass in ("AppVM", "DispVM") else None, "properties": props,
         "features": dict(vm.features.items()), "tags": sorted(t for t in vm.tags if not t.startswith("created-by-")),
         "firewall": [rule.rule for rule in vm.firewall.rules], "volumes": volumes, "devices": read_devices(vm),
         "notes": vm.get_notes() if hasattr(vm, "get_notes") else "",  # R4.3 only

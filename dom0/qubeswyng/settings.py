@@ -108,8 +108,7 @@ def check(rec, name):
     rec.setdefault("devices", [])
     need(rec["name"] == name, "it is the record of another qube")
     need(rec["class"] in CLASSES and is_name(rec["label"]), "class or label")
-    templated = rec["class"] in ("AppVM", "DispVM")
-    need(is_name(rec["template"]) if templated else rec["template"] is None, "template")
+    need(is_name(rec["template"]) if rec["class"] in ("AppVM", "DispVM") else rec["template"] is None, "template")
     props, features = rec["properties"], rec["features"]
     need(isinstance(props, dict) and len(props) <= MAX_ITEMS, "properties")
     for key, value in props.items():

@@ -31,8 +31,7 @@ LINE = 300  # bytes kept of each stderr line, and 4 lines at most
 class ProcessTransport:
     def __init__(self, proc, name="agent"):
         self.proc, self.name = proc, name
-        self.stdin_fd = proc.stdin.fileno()
-        self.stdout_fd = proc.stdout.fileno()
+        self.stdin_fd, self.stdout_fd = proc.stdin.fileno(), proc.stdout.fileno()
         self.said = collections.deque(maxlen=4)
         self.listener = threading.Thread(target=self._listen, daemon=True)
         self.listener.start()
@@ -41,9 +40,8 @@ class ProcessTransport:
         if self.proc.stderr is None:  # not a pipe: nothing to read
             return
         with contextlib.suppress(OSError, ValueError):  # closed under us
-            for line in iter(lambda: self.proc.stderr.readline(LINE), b""):
-                if line.strip():
-                    self.said.append(line.strip())
+            lines = iter(lambda: self.proc.stderr.readline(LINE), b"")
+            self.said.extend(line.strip() for line in lines if line.strip())
 
     def status(self):
         """The exit status, once the process has ended (waiting a little); None if it goes on."""

@@ -43,8 +43,7 @@ class LinkBroken(AgentError):
 
 def printable(raw):
     """Agent text made safe for a terminal: no escapes, no control bytes."""
-    text = bytes(raw[:MAX_ERROR]).decode("utf-8", "replace")
-    return "".join(c if c.isprintable() else "?" for c in text)
+    return "".join(c if c.isprintable() else "?" for c in bytes(raw[:MAX_ERROR]).decode("utf-8", "replace"))
 
 
 class Link:

@@ -40,9 +40,8 @@ class RangeServer:
     def __init__(self, archive, chunk_map, size, link, opts, who):
         self.archive, self.map, self.size, self.link, self.opts, self.who = archive, chunk_map, size, link, opts, who
         self.cs = cs = archive.chunk_size
-        self.zeros = bytes(cs)
         self.cache = collections.OrderedDict()  # index -> verified chunk, oldest use first
-        self.capacity, self.most_ahead = CACHE // cs, AHEAD // cs
+        self.zeros, self.capacity, self.most_ahead = bytes(cs), CACHE // cs, AHEAD // cs
         self.ahead, self.next, self.window = 0, None, (time.monotonic(), 0)
         self.fetched = self.notes = self.requests = 0
 

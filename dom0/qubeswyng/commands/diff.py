@@ -34,10 +34,9 @@ def compare(archive, volume, opts):
     cs = archive.chunk_size
     reader = volume.reader()
     try:
-        count = chunk_count(reader.size, cs)
         zero = bytes(cs)
         st = {"volume": volume.name, "session": ses["name"], "size": reader.size, "archived_size": ses["size"],
-              "chunks": count, "chunks_differ": 0, "bytes_differ": 0}
+              "chunks": chunk_count(reader.size, cs), "chunks_differ": 0, "bytes_differ": 0}
         progress = Progress(opts, volume.name, reader.size)
         for index, data in reader.chunks(cs):
             cid = ZERO if data is None or data == zero[:len(data)] else archive.keys.chunk_id(data)

@@ -72,9 +72,8 @@ def list_qubes(opts, root, schedule):
     for qube in sorted(set(found) | set(names)):
         vols = found.get(qube, {})
         sessions = vols.get(SETTINGS, {"sessions": []})["sessions"]
-        last = sessions[-1]["name"] if sessions else None
+        last, when = (sessions[-1]["name"], sessions[-1]["time"]) if sessions else (None, None)
         sizes = [s["size"] for n, v in vols.items() if n != SETTINGS for s in v["sessions"] if s["name"] == last]
-        when = sessions[-1]["time"] if sessions else None
         rows.append({"qube": qube, "last_backup": last, "time": when, "backups": len(sessions), "size": sum(sizes),
                      "volumes": sorted(set(vols) - {SETTINGS}), "scheduled": qube in names,
                      "overdue": qube in names and (when is None or now() - when > hours * 3600)})
