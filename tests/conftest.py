@@ -132,8 +132,8 @@ class Wyng:
                 chunk_map = ChunkMap()  # built session by session, as chunk_map() does
                 for i, ses in enumerate(vol["sessions"]):
                     chunk_map.resize(chunk_count(ses["size"], archive.chunk_size))
-                    for index, cid in archive.read_manifest(vol, i):
-                        chunk_map[index] = cid
+                    for first, ids in archive.read_manifest(vol, i):
+                        chunk_map.ids[32 * first:32 * first + len(ids)] = ids
                     buf = bytearray(ses["size"])
 
                     def write(offset, data, buf=buf):

@@ -338,7 +338,7 @@ class Manifest(Target):
     against the one the root implies, entries in order and range, the MAC.
     Mode 1 appends the right MAC (and expects it), so the checks of the
     header and entries behind it are reached."""
-    functions = ("dom0/qubeswyng/manifest.py", ("read",)),
+    functions = ("dom0/qubeswyng/manifest.py", ("read", "unpacked", "entries")),
     max_len = 8192
 
     def setup(self):
@@ -359,7 +359,7 @@ class Manifest(Target):
         cut = data[1] * len(body) // 255 if len(data) > 1 else 0
         limit = m.chunk_count(self.expect.size, self.expect.chunk_size)
         last = -1
-        for index, cid in m.read(self.k, [body[:cut], body[cut:]], expect_mac, self.expect):
+        for index, cid in m.entries(m.read(self.k, [body[:cut], body[cut:]], expect_mac, self.expect)):
             assert last < index < limit and len(cid) == 32
             last = index
 
@@ -367,7 +367,9 @@ class Manifest(Target):
         m = self.m
         head = self.expect._replace(count=5, time=1)
         good = encode_entries(self.k, head, [(i * 7, bytes([i]) * 32) for i in range(5)])
-        return [b"\1\100" + good[:-32], b"\0\3" + good, b"\1\0" + head._replace(count=0).pack()]
+        run = encode_entries(self.k, head._replace(count=20), [(i + 3, bytes([i]) * 32) for i in range(20)])
+        return [b"\1\100" + good[:-32], b"\0\3" + good, b"\1\0" + head._replace(count=0).pack(),
+                b"\1\200" + run[:-32]]
 
 
 # -- dom0: settings records --------------------------------------------------------------

@@ -146,6 +146,26 @@ def test_decoder_fuzz():
             link.close()
 
 
+@pytest.mark.parametrize("indexes", [[*range(10), *range(5, 15)], [*range(10), *range(9, 19)],
+                                     [*range(40, 50)], [3, *range(3, 13)]])
+def test_manifest_reader_refuses_runs_out_of_order_or_range(indexes):
+    """Runs of consecutive indexes, taken apart a block at a time, are held
+    to the order and range that entries are: a block overlapping the one
+    before, or reaching past the volume's end (45 chunks), is refused
+    however the stream is cut into parts."""
+    import hashlib
+    import hmac
+    from qubeswyng import keys, manifest
+    from qubeswyng.errors import Fail
+    k = keys.Keys(bytes(32), bytes(16))
+    head = manifest.Head(CHUNK, bytes(16), bytes(16), "20260101-000000", 1, 45 * CHUNK, len(indexes), "")
+    body = head.pack() + b"".join(manifest.ENTRY.pack(i, bytes([i]) * 32) for i in indexes)
+    mac = hmac.new(k.mac, manifest.LABEL + body, hashlib.sha256).digest()
+    for cut in (manifest.HEAD.size + 10 * manifest.ENTRY.size, manifest.HEAD.size + manifest.ENTRY.size, len(body)):
+        with pytest.raises(Fail, match="out of order or range"):
+            list(manifest.read(k, [body[:cut], body[cut:] + mac], mac, head))
+
+
 def test_manifest_reader_fuzz():
     from qubeswyng import keys, manifest
     from qubeswyng.errors import Fail
@@ -155,7 +175,7 @@ def test_manifest_reader_fuzz():
     entries = [(i * 2, rng.randbytes(32)) for i in range(20)]
     good = encode_entries(k, head, entries)
     expect_mac = good[-32:]
-    assert list(manifest.read(k, [good], expect_mac, head)) == entries
+    assert list(manifest.entries(manifest.read(k, [good], expect_mac, head))) == entries
     for _ in range(3000):
         bad = bytearray(good)
         kind = rng.randrange(4)

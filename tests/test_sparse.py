@@ -41,7 +41,7 @@ def test_manifest_lists_exactly_the_set_bits_as_one_entry_at_a_time_would(patter
     assert b"".join(parts) == body + mac
     assert all(len(p) <= manifest.PART for p in parts)
     assert all(len(p) > manifest.PART - manifest.ENTRY.size - manifest.MAC_SIZE for p in parts[:-1])
-    assert list(manifest.read(k, parts, mac, head)) == [(i, ids[i]) for i in wanted]
+    assert list(manifest.entries(manifest.read(k, parts, mac, head))) == [(i, ids[i]) for i in wanted]
 
 
 def punch(path, offset, length):

@@ -181,14 +181,15 @@ class Archive(contextlib.AbstractContextManager):
         chunk_map = ChunkMap()
         for i, ses in enumerate(sessions[:upto + 1]):
             chunk_map.resize(manifest.chunk_count(ses["size"], self.chunk_size))
-            for index, cid in self.read_manifest(vol, i):
-                chunk_map[index] = cid
+            for first, ids in self.read_manifest(vol, i):  # runs below the session's count (manifest.read)
+                chunk_map.ids[32 * first:32 * first + len(ids)] = ids
         if upto == len(sessions) - 1:
             self.meta.save_map(vol["id"], head_mac, chunk_map)
         return chunk_map
 
     def read_manifest(self, vol, index):
-        """The verified entries of session ``index`` of ``vol``: its header
+        """The verified entries of session ``index`` of ``vol``, in runs
+        (manifest.read; manifest.entries takes them apart): its header
         must match where the root puts it (volume, name, size, the previous
         session's name) and its MAC the root's record.  If checking fails
         early, the rest of the stream is read, so the link stays usable."""

@@ -111,8 +111,37 @@ def packed(ids, first, stop):
     return out
 
 
+def entries(runs):
+    """(index, id) of each chunk in the runs that ``read`` yields."""
+    for first, ids in runs:
+        for k in range(0, len(ids), 32):
+            yield first + k // 32, bytes(ids[k:k + 32])
+
+
+def unpacked(block, last, limit, session):
+    """The runs (first index, ids) of a block of whole entries of the
+    manifest of ``session``, which must follow index ``last`` and stay below
+    ``limit``.  A block of consecutive indexes (a first session lists every
+    chunk) is one run, taken apart by slices as ``packed`` puts it
+    together; any other block goes entry by entry."""
+    n, first = len(block) // ENTRY.size, int.from_bytes(block[:8], "big")
+    run = struct.pack(">%dQ" % n, *range(first, first + n)) if last < first <= limit - n else None
+    if run and all(block[j::ENTRY.size] == run[j::8] for j in range(8)):
+        ids = bytearray(32 * n)
+        for j in range(32):
+            ids[j::32] = block[8 + j::ENTRY.size]
+        yield first, ids
+        return
+    for index, cid in ENTRY.iter_unpack(block):
+        if not last < index < limit:
+            raise Fail("manifest of %s lists chunks out of order or range" % session)
+        last = index
+        yield index, cid
+
+
 def read(keys, parts, expect_mac, expect):
-    """Check a manifest streamed from the agent; yield its entries.
+    """Check a manifest streamed from the agent; yield its entries as runs
+    (first index, the ids of that chunk and those after it).
 
     ``expect`` is the Head the verified root implies (all fields but count
     and time); the header is compared with it before any entry is used, so
@@ -141,11 +170,8 @@ def read(keys, parts, expect_mac, expect):
             block = bytes(buf[:whole])
             del buf[:whole]
             mac.update(block)
-            for index, cid in ENTRY.iter_unpack(block):
-                if not last < index < limit:
-                    raise Fail("manifest of %s lists chunks out of order or range" % expect.session)
-                last = index
-                yield index, cid
+            yield from unpacked(block, last, limit, expect.session)
+            last = int.from_bytes(block[-ENTRY.size:-32], "big")
             seen += whole // ENTRY.size
         if seen == count and len(buf) > MAC_SIZE:
             break  # too long: fails below

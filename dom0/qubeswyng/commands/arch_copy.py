@@ -28,7 +28,7 @@ def run(opts, app):
             ses = vol["sessions"][i]
             limit = manifest.HEAD.size + 40 * manifest.chunk_count(ses["size"], src.chunk_size) + 32
             copied += dst.copy_objects(src, MANIFEST, [bytes.fromhex(ses["manifest"])], sealed(limit))
-            ids = b"".join(cid for _index, cid in dst.read_manifest(vol, i) if cid != manifest.ZERO)
+            ids = b"".join(cid for _i, cid in manifest.entries(dst.read_manifest(vol, i)) if cid != manifest.ZERO)
             for n in range(0, len(ids), 32 * FETCH_BATCH):
                 batch = [ids[j:j + 32] for j in range(n, min(len(ids), n + 32 * FETCH_BATCH), 32)]
                 copied += dst.copy_objects(src, CHUNK, batch, sealed(src.chunk_size))

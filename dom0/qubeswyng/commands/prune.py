@@ -12,7 +12,7 @@ import re
 from ..archive import Archive
 from ..clock import now, point
 from ..errors import Fail
-from ..manifest import ChunkMap, chunk_count
+from ..manifest import ChunkMap, chunk_count, entries
 from ..progress import say, size
 from ..sources.snapshots import carry
 from . import chosen_volumes, matches, session_spec
@@ -131,7 +131,7 @@ def _merge(archive, vol, run, i, parent):
     count = chunk_count(nxt["size"], archive.chunk_size)
     ids, listed = ChunkMap(count), bytearray((count + 7) // 8)
     for j in run + [i]:
-        for index, cid in archive.read_manifest(vol, j):
+        for index, cid in entries(archive.read_manifest(vol, j)):
             if index < count:
                 ids[index] = cid
                 listed[index >> 3] |= 1 << (index & 7)

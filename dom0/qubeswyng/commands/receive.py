@@ -36,7 +36,7 @@ import struct
 
 from ..archive import Archive
 from ..errors import Fail
-from ..manifest import ZERO, chunk_count
+from ..manifest import ZERO, chunk_count, entries
 from ..progress import Progress, notice, say, size
 from ..sources import open_source
 from ..sources.snapshots import Rotation, size_runs
@@ -48,6 +48,7 @@ PUNCH_HOLE = 3  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 ZEROS = bytes(1 << 22)
 BLOCK = 64 << 10  # zero blocks of a chunk left as holes in a new file
 ZERO_BLOCK = ZEROS[:BLOCK]
+HOLES = 64  # zero chunks that receive passes over at once (a 2 KiB window of the chunk map)
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -138,8 +139,14 @@ def restore(archive, chunk_map, total, write, opts, label, zero=None, wanted=Non
     cs, count = archive.chunk_size, len(chunk_map)
 
     def picked():
+        after = 0
         for i in range(count):
+            if i < after:
+                continue
             cid, n = chunk_map[i], min(cs, total - i * cs)
+            if cid == ZERO and not zero and chunk_map.ids.count(0, 32 * i, 32 * (i + HOLES)) == 32 * HOLES:
+                after = i + HOLES  # so many zero chunks in a row: passed over at once
+                continue
             if wanted and not wanted(i, cid, n):
                 continue
             if cid != ZERO:
@@ -168,7 +175,7 @@ def baseline(archive, rot, vol, index):
         return None
     count = chunk_count(sessions[index]["size"], cs)
     may = bytearray((count + 7) // 8)
-    listed = (i for j in range(index + 1, len(sessions)) for i, _cid in archive.read_manifest(vol, j))
+    listed = (i for j in range(index + 1, len(sessions)) for i, _cid in entries(archive.read_manifest(vol, j)))
     runs = (range(a, b) for a, b in rec["changed"] + size_runs(rec["size"], sessions[index]["size"], cs))
     for i in itertools.chain(listed, *runs):
         if i < count:
