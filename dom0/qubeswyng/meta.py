@@ -71,8 +71,8 @@ class Meta:
         with contextlib.suppress(FileNotFoundError, struct.error), open(self._path("maps", volume_id), "rb") as f:
             magic, mac, count = MAP_HEAD.unpack(f.read(MAP_HEAD.size))
             if magic == MAP_MAGIC and mac == head_mac:
-                ids = bytearray(f.read())
-                return ChunkMap(ids=ids) if len(ids) == 32 * count else None
+                ids = bytearray(os.fstat(f.fileno()).st_size - MAP_HEAD.size)  # read into: no second copy
+                return ChunkMap(ids=ids) if f.readinto(ids) == len(ids) == 32 * count else None
         return None
 
     def save_map(self, volume_id, head_mac, chunk_map):
