@@ -133,7 +133,7 @@ class Wyng:
                 for i, ses in enumerate(vol["sessions"]):
                     chunk_map.resize(chunk_count(ses["size"], archive.chunk_size))
                     for first, ids in archive.read_manifest(vol, i):
-                        chunk_map.ids[32 * first:32 * first + len(ids)] = ids
+                        chunk_map[first] = ids
                     buf = bytearray(ses["size"])
 
                     def write(offset, data, buf=buf):

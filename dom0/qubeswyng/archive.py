@@ -182,7 +182,7 @@ class Archive(contextlib.AbstractContextManager):
         for i, ses in enumerate(sessions[:upto + 1]):
             chunk_map.resize(manifest.chunk_count(ses["size"], self.chunk_size))
             for first, ids in self.read_manifest(vol, i):  # runs below the session's count (manifest.read)
-                chunk_map.ids[32 * first:32 * first + len(ids)] = ids
+                chunk_map[first] = ids
         if upto == len(sessions) - 1:
             self.meta.save_map(vol["id"], head_mac, chunk_map)
         return chunk_map

@@ -40,8 +40,10 @@ class ChunkMap:
     def __getitem__(self, i):
         return bytes(self.ids[32 * i:32 * i + 32])
 
-    def __setitem__(self, i, cid):
-        self.ids[32 * i:32 * i + 32] = cid
+    def __setitem__(self, i, ids):
+        """Set the id of chunk ``i``, or the ids of a run of chunks from ``i``
+        (32 bytes each; the caller keeps them within the map)."""
+        self.ids[32 * i:32 * i + len(ids)] = ids
 
 
 def chunk_count(size, chunk_size):
